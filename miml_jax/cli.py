@@ -1,0 +1,252 @@
+"""`miml-jax <command>`: the one entry point that knows every command.
+
+  train    train a model from an experiment config; checkpoints, metrics and pictures in --workdir
+  eval     score a checkpoint on a dataset with the MIML protocol
+  predict  heatmaps, overlays and binary masks for images or folders
+  qes      the quality evaluation score of soft masks
+
+Every command that computes numbers prints them as one JSON object on stdout with --json
+(progress goes to stderr). Bad input ends with a one-line `error: ...` naming the file or key
+and a non-zero exit code.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+from miml_jax.errors import UserInputError
+
+EXIT_USER_ERROR = 2
+EXIT_NON_FINITE = 3
+
+
+def _parse_config(spec: str, overrides: list[str]):
+  from miml_jax import config as config_lib
+  config = config_lib.load_config(spec)
+  config_lib.apply_overrides(config, overrides)
+  return config
+
+
+def _split_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
+  overrides = []
+  for item in extra:
+    if item.startswith("--config."):
+      overrides.append(item[len("--config."):])
+    else:
+      parser.error(f"unrecognised argument {item}")
+  return overrides
+
+
+def _emit(args, obj: dict, human: str):
+  if args.json:
+    print(json.dumps(obj, default=float))
+  else:
+    print(human)
+
+
+def _prepare_out_dir(path: str, overwrite: bool):
+  if os.path.isdir(path) and os.listdir(path) and not overwrite:
+    raise UserInputError(f"{path}: exists and is not empty; choose another --out or pass "
+                         f"--overwrite")
+  os.makedirs(path, exist_ok=True)
+
+
+# ---- train -----------------------------------------------------------------------------------
+def cmd_train(args, overrides):
+  from miml_jax import evaluate, train
+  config = _parse_config(args.config, overrides)
+  result = train.train_and_evaluate(config, args.workdir)
+  _emit(args, {"workdir": os.path.abspath(args.workdir), **_json_result(result)},
+        evaluate.format_table(result) + f"\nworkdir: {os.path.abspath(args.workdir)} "
+        f"(metrics.json, predictions.png, curves.png, checkpoints/)")
+
+
+def _json_result(result: dict) -> dict:
+  return {"summary": result["summary"], "trivial": result["trivial"],
+          "threshold": result["threshold"], "resize": result["resize"]}
+
+
+# ---- eval ------------------------------------------------------------------------------------
+def cmd_eval(args, overrides):
+  from miml_jax import checkpoint, config as config_lib, evaluate
+  from miml_jax.input import sources
+  if args.out:
+    _prepare_out_dir(args.out, args.overwrite)
+  config, model, variables, step = checkpoint.load_model(args.checkpoint, args.step)
+  config_lib.apply_overrides(config, overrides)
+  with config.unlocked():
+    if args.threshold == "image_head":
+      config.eval.threshold_policy = "image_head"
+    elif args.threshold is not None:
+      config.eval.threshold_policy = "fixed"
+      config.eval.threshold = _float_arg("--threshold", args.threshold)
+    if args.resize is not None:
+      config.eval.resize = args.resize
+  data = args.data or config.data.validation
+  source = sources.make_source(data, "validation", image_size=config.data.image_size,
+                               seed=config.data.seed)
+  result = evaluate.evaluate(model, variables, config, source, out_dir=args.out,
+                             limit=args.limit)
+  result.update(checkpoint=os.path.abspath(args.checkpoint), step=step, data=data)
+  if args.out:
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+      json.dump(result, f, indent=2, default=float)
+    with open(os.path.join(args.out, "per_image.csv"), "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=list(result["per_image"][0]))
+      writer.writeheader()
+      writer.writerows(result["per_image"])
+  _emit(args, {"checkpoint": result["checkpoint"], "step": step, "data": data,
+               **_json_result(result)},
+        f"{data} @ step {step}\n" + evaluate.format_table(result))
+
+
+def _float_arg(flag: str, text: str) -> float:
+  try:
+    return float(text)
+  except ValueError:
+    raise UserInputError(f"{flag} {text}: expected a number or image_head") from None
+
+
+# ---- predict ---------------------------------------------------------------------------------
+def cmd_predict(args, overrides):
+  from miml_jax import checkpoint, config as config_lib, predict
+  paths = predict.expand_inputs(args.inputs)
+  config, model, variables, _ = checkpoint.load_model(args.checkpoint, args.step)
+  config_lib.apply_overrides(config, overrides)
+  if not args.overwrite:
+    predict.refuse_overwrite(args.out, [os.path.splitext(os.path.basename(p))[0] for p in paths])
+  predictor = predict.Predictor(model, variables, config, batch_size=1, resize=args.resize)
+  records = []
+  for sample, prob, image_prob in predictor.predict(predict.ImageFiles(paths)):
+    threshold = float(args.threshold)
+    record = predict.write_prediction(args.out, sample, prob, image_prob, threshold)
+    if args.qes:
+      from miml_jax import qes
+      record["qes"] = float(qes.qes(prob))
+    records.append(record)
+    if not args.json:
+      score = f"  image score {record['image_score']:.3f}" if "image_score" in record else ""
+      print(f"{record['image']}: {100 * record['tampered_fraction']:.1f}% tampered at "
+            f"{threshold}{score} -> {record['files']['overlay']}")
+  predict.dump_json(os.path.join(args.out, "predictions.json"), records)
+  if args.json:
+    print(json.dumps({"predictions": records}))
+
+
+# ---- qes -------------------------------------------------------------------------------------
+def cmd_qes(args, overrides):
+  from miml_jax import qes
+  del overrides
+  scores = qes.qes_files(args.masks)
+  records = [{"mask": p, "qes": float(s), "keep": bool(s > args.keep_threshold)}
+             for p, s in zip(args.masks, scores)]
+  _emit(args, {"keep_threshold": args.keep_threshold, "masks": records},
+        "\n".join(f"{r['qes']:.4f}  {'keep' if r['keep'] else 'drop'}  {r['mask']}"
+                  for r in records))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="miml-jax", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="Run `miml-jax COMMAND --help` for a command's options and what it writes.")
+  commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  def add(name, help_text, description):
+    sub = commands.add_parser(name, help=help_text, description=description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_argument("--json", action="store_true",
+                     help="print the numbers as one JSON object on stdout")
+    return sub
+
+  train = add("train", "train a model from an experiment config",
+              "Trains the model an experiment config describes, showing progress (steps/s, "
+              "ETA) on stderr.\nWrites into --workdir: config.json, checkpoints/<step>/ (orbax: "
+              "weights, optimiser,\ndata-iterator state, config), metrics.jsonl (training "
+              "scalars and validation results),\nmetrics.json (final validation metrics), "
+              "predictions.png (heatmap contact sheet), curves.png.\nA workdir with checkpoints "
+              "of the same model resumes; one of another model is refused.\nOverride any "
+              "config field with --config.a.b=value.")
+  train.add_argument("--config", required=True, help="experiments/NAME.py[:arg]")
+  train.add_argument("--workdir", required=True, help="output directory (resumed if it exists)")
+
+  ev = add("eval", "score a checkpoint on a dataset (MIML protocol)",
+           "Scores a checkpoint on tampered images: per-image IoU / P / R / F1 (and means),\n"
+           "pooled versions, pixel AUC, next to the all-zero and all-one predictors.\nPrints "
+           "a table (or JSON). With --out DIR also writes metrics.json, per_image.csv and\n"
+           "predictions.png there (DIR must be new or empty unless --overwrite).")
+  ev.add_argument("--checkpoint", required=True, help="a training workdir")
+  ev.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+  ev.add_argument("--data", help="data source: synthetic | folder:/path (MIML layout imgs/ "
+                  "masks/); default: the config's validation source")
+  ev.add_argument("--threshold", help="a number, or image_head (clamp(1 - p, 0.3, 0.7))")
+  ev.add_argument("--resize", choices=("none", "miml"), help="test-time resize rule")
+  ev.add_argument("--limit", type=int, help="score only the first N images")
+  ev.add_argument("--out", help="directory for metrics.json, per_image.csv, predictions.png")
+  ev.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
+
+  pr = add("predict", "heatmaps and masks for images or folders",
+           "Predicts the tampering probability of every pixel of each image (any size).\n"
+           "Writes into --out, per image: <name>_heatmap.png, <name>_overlay.png, <name>_mask.png"
+           "\n(binary at --threshold), and predictions.json with each image's tampered fraction,"
+           "\nimage-level score (if the model has an image head) and optionally QES.\nExisting "
+           "files are never overwritten unless --overwrite.")
+  pr.add_argument("inputs", nargs="+", help="image files or folders")
+  pr.add_argument("--checkpoint", required=True, help="a training workdir")
+  pr.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+  pr.add_argument("--out", default="predictions", help="output directory (default predictions)")
+  pr.add_argument("--threshold", type=float, default=0.5, help="binarisation threshold")
+  pr.add_argument("--resize", choices=("none", "miml"), default="none")
+  pr.add_argument("--qes", action="store_true", help="also report QES of each prediction")
+  pr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+  qs = add("qes", "quality evaluation score of soft masks",
+           "QES = count(p > 15/16) / count(p > 1/16) of a soft mask p in [0, 1] (8- or 16-bit\n"
+           "PNG): the share of the predicted region that is confident. Prints one line per "
+           "file:\nscore, keep/drop at --keep-threshold, path. Writes nothing.")
+  qs.add_argument("masks", nargs="+", help="soft-mask image files")
+  qs.add_argument("--keep-threshold", type=float, default=0.5,
+                  help="keep a mask iff QES > this (default 0.5)")
+  return parser
+
+
+def _enable_compilation_cache():
+  """Persist compiled XLA programs across runs (a second `train` / `eval` starts in seconds).
+
+  MIML_JAX_COMPILATION_CACHE names the directory (default ~/.cache/miml_jax/xla); set it to
+  the empty string to disable.
+  """
+  directory = os.environ.get("MIML_JAX_COMPILATION_CACHE",
+                             os.path.join(os.path.expanduser("~"), ".cache", "miml_jax", "xla"))
+  if directory:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "qes": cmd_qes}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  overrides = _split_overrides(extra, parser)
+  # grain 0.2.x multiprocess workers read absl flags; mark them parsed (STACK.md).
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  _enable_compilation_cache()
+  try:
+    COMMANDS[args.command](args, overrides)
+  except UserInputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USER_ERROR
+  except FloatingPointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_NON_FINITE
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""The input side: data sources, per-sample transforms and the grain pipeline."""

@@ -1,0 +1,322 @@
+"""Localisation metrics exactly as the MIML protocol writes them, plus pixel AUC.
+
+The official MIML / Web-IML inference scripts binarise the map (`prob > threshold`, strict), take
+ground truth as `mask > 0`, and per image compute
+
+    I = |pred & gt|,  U = |pred| + |gt| - I
+    IoU = I / (U + 1e-6),  P = I / (|pred| + 1e-6),  R = I / (|gt| + 1e-6),
+    F1 = 2 P R / (P + R + 1e-8)
+
+then average over images (the "mean" numbers). The epsilons are part of the protocol: an image
+with an empty prediction and an empty ground truth gets IoU = P = R = F1 = 0, not 1. "Pooled"
+numbers are the same formulas on counts summed over the dataset (one confusion matrix).
+
+Pixel AUC comes per image (exact, with ties counted as 1/2 like sklearn's roc_auc_score) and
+pooled over the dataset (from fixed-bin histograms, see `MetricAccumulator`).
+
+`confusion_counts` / `confusion_counts_batch` are JAX (for an on-device eval step);
+`MetricAccumulator` runs on the host in NumPy with exact integer counts, because it needs a sort
+per image for AUC and would otherwise recompile for every new image size.
+"""
+
+from collections.abc import Sequence
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from miml_jax.errors import UserInputError
+
+# The protocol's epsilons (MIML casia1_infer.py and siblings).
+IOU_EPS = 1e-6
+F1_EPS = 1e-8
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_NUM_BINS = 10000
+
+_SCORE_KEYS = ("iou", "precision", "recall", "f1")
+
+
+def _confusion(xp, pred, gt, valid, count_dtype):
+  """tp, fp, fn, tn with the MIML rules; `xp` is numpy or jax.numpy so both share one formula."""
+  # pred is already binary in the protocol; `> 0` also accepts 0/1 ints and bools.
+  pred = pred > 0
+  gt = gt > 0
+  neg_pred = ~pred
+  neg_gt = ~gt
+  cells = (pred & gt, pred & neg_gt, neg_pred & gt, neg_pred & neg_gt)
+  if valid is not None:
+    valid = valid.astype(bool)
+    cells = tuple(cell & valid for cell in cells)
+  return tuple(xp.sum(cell, dtype=count_dtype) for cell in cells)
+
+
+def confusion_counts(pred, gt, valid=None) -> dict[str, jax.Array]:
+  """Confusion counts of one binary prediction against its ground truth.
+
+  Traceable (call it inside your jitted eval step); see `confusion_counts_batch` for batches.
+
+  Args:
+    pred: (H, W) binary prediction; any value > 0 is positive.
+    gt: (H, W) ground truth; positive iff > 0 (the MIML rule).
+    valid: optional (H, W) boolean mask; pixels where it is False are not counted.
+
+  Returns:
+    dict with float32 scalars tp, fp, fn, tn.
+  """
+  pred, gt = jnp.asarray(pred), jnp.asarray(gt)
+  if pred.shape != gt.shape:
+    raise ValueError(f"pred has shape {pred.shape} but gt has shape {gt.shape}")
+  if valid is not None:
+    valid = jnp.asarray(valid)
+    if valid.shape != pred.shape:
+      raise ValueError(f"valid has shape {valid.shape} but pred has shape {pred.shape}")
+  # Counted in int32 (exact up to 2^31 pixels), returned as float32 for the score formulas.
+  counts = _confusion(jnp, pred, gt, valid, jnp.int32)
+  return {key: value.astype(jnp.float32) for key, value in zip(("tp", "fp", "fn", "tn"), counts)}
+
+
+@jax.jit
+def _confusion_counts_batch(pred, gt, valid):
+  if valid is None:
+    return jax.vmap(confusion_counts)(pred, gt)
+  return jax.vmap(confusion_counts)(pred, gt, valid)
+
+
+def confusion_counts_batch(pred, gt, valid=None) -> dict[str, jax.Array]:
+  """`confusion_counts` over a (B, H, W) batch, jitted and vmapped; returns (B,) float32 arrays.
+
+  Images of different sizes are padded into one batch with `valid` False on the padding.
+  """
+  pred, gt = jnp.asarray(pred), jnp.asarray(gt)
+  if pred.ndim != 3 or pred.shape != gt.shape:
+    raise ValueError(f"expected pred and gt of one (B, H, W) shape, got {pred.shape}, {gt.shape}")
+  if valid is not None:
+    valid = jnp.asarray(valid, dtype=bool)
+    if valid.shape != pred.shape:
+      raise ValueError(f"valid has shape {valid.shape} but pred has shape {pred.shape}")
+  return _confusion_counts_batch(pred, gt, valid)
+
+
+def scores_from_counts(tp, fp, fn) -> dict:
+  """IoU, precision, recall and F1 from counts, with the protocol's epsilons.
+
+  Elementwise on Python numbers, NumPy or JAX arrays (plain arithmetic only). The official
+  scripts compute in float64; pass float64 / Python numbers to match them to the last digit.
+  U = |pred| + |gt| - I = tp + fp + fn.
+  """
+  iou = tp / (tp + fp + fn + IOU_EPS)
+  precision = tp / (tp + fp + IOU_EPS)
+  recall = tp / (tp + fn + IOU_EPS)
+  f1 = 2 * precision * recall / (precision + recall + F1_EPS)
+  return {"iou": iou, "precision": precision, "recall": recall, "f1": f1}
+
+
+def _auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
+  """ROC AUC from positive / negative counts per score level, levels in increasing order.
+
+  Each positive beats the negatives on lower levels and ties (1/2) those on its own level: the
+  Mann-Whitney statistic, which is what sklearn's trapezoidal ROC AUC equals with ties.
+  """
+  # float64 counts are exact up to 2^53 pixels and cannot overflow like int64 products of
+  # pooled counts (positives x negatives) would on large datasets.
+  pos = np.asarray(pos, dtype=np.float64)
+  neg = np.asarray(neg, dtype=np.float64)
+  num_pos, num_neg = pos.sum(), neg.sum()
+  if num_pos == 0 or num_neg == 0:
+    return math.nan
+  neg_below = np.cumsum(neg) - neg
+  return float(np.sum(pos * (neg_below + 0.5 * neg)) / (num_pos * num_neg))
+
+
+def _auc_flat(prob: np.ndarray, gt: np.ndarray) -> float:
+  """Exact AUC of 1-D scores `prob` against 1-D booleans `gt`: one sort, O(n log n)."""
+  if gt.all() or not gt.any():
+    return math.nan
+  levels, level_of = np.unique(prob, return_inverse=True)
+  pos = np.bincount(level_of[gt], minlength=levels.size)
+  neg = np.bincount(level_of[~gt], minlength=levels.size)
+  return _auc_from_histograms(pos, neg)
+
+
+def pixel_auc(prob, gt, valid=None) -> float:
+  """Exact pixel ROC AUC of one image, equal to sklearn.metrics.roc_auc_score (ties count 1/2).
+
+  Args:
+    prob: (H, W) scores.
+    gt: (H, W) ground truth, positive iff > 0.
+    valid: optional (H, W) boolean mask of the pixels to count.
+
+  Returns:
+    The AUC as a Python float; NaN when the counted ground truth is all 0 or all 1, where AUC is
+    undefined (sklearn raises instead).
+  """
+  prob, gt = np.asarray(prob), np.asarray(gt) > 0
+  if prob.shape != gt.shape:
+    raise ValueError(f"prob has shape {prob.shape} but gt has shape {gt.shape}")
+  if valid is not None:
+    valid = np.asarray(valid, dtype=bool)
+    if valid.shape != prob.shape:
+      raise ValueError(f"valid has shape {valid.shape} but prob has shape {prob.shape}")
+    return _auc_flat(prob[valid], gt[valid])
+  return _auc_flat(prob.ravel(), gt.ravel())
+
+
+def _bin_index(prob: np.ndarray, num_bins: int) -> np.ndarray:
+  """Bin k holds [k / num_bins, (k + 1) / num_bins); p = 1.0 goes to the last bin."""
+  scaled = np.asarray(prob, dtype=np.float64) * num_bins
+  return np.minimum(scaled.astype(np.int64), num_bins - 1)
+
+
+def _value_range(values: np.ndarray) -> str:
+  """Describes bad values for an error message (nanmin would warn on an all-NaN array)."""
+  finite = values[np.isfinite(values)]
+  if finite.size < values.size:
+    return f"{values.size - finite.size} non-finite values"
+  return f"min {finite.min()}, max {finite.max()}"
+
+
+def _mean(values: list[float]) -> float:
+  return float(np.mean(values)) if values else math.nan
+
+
+class MetricAccumulator:
+  """Accumulates MIML localisation metrics over a dataset, one image at a time.
+
+  Per image: IoU, precision, recall, F1 of `pred = prob > threshold` (strict `>`, as the official
+  APSC-Net inference `output > thres`; a pixel at exactly the threshold is negative) and the
+  exact pixel AUC. Over the dataset: pooled confusion counts and a pooled-AUC histogram.
+
+  The pooled AUC is computed from `num_bins` equal bins over [0, 1] (positives and negatives
+  counted separately, ties within a bin counted 1/2), so it equals sklearn's AUC on the
+  probabilities quantised to floor(p * num_bins). With the default 10,000 bins it differs from the
+  AUC of the raw probabilities only through pairs that fall into the same bin (well below 1e-3 in
+  practice). Memory stays 2 x num_bins counts whatever the dataset size.
+
+  `summary()` and `per_image()` return plain Python numbers, ready for json.dump. Undefined values
+  are NaN (json writes them as NaN): the means of an empty accumulator, a per-image AUC when the
+  ground truth is all 0 or all 1, the pooled AUC without positives or negatives.
+  """
+
+  def __init__(self, num_bins: int = DEFAULT_NUM_BINS):
+    if num_bins < 1:
+      raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    self.num_bins = num_bins
+    self._pos_hist = np.zeros(num_bins, np.int64)
+    self._neg_hist = np.zeros(num_bins, np.int64)
+    # Python ints: exact whatever the dataset size.
+    self._tp = self._fp = self._fn = self._tn = 0
+    self._rows: list[dict] = []
+
+  def add(self,
+          prob,
+          gt,
+          threshold: float = DEFAULT_THRESHOLD,
+          valid=None,
+          name: str | None = None):
+    """Adds one image.
+
+    Args:
+      prob: (H, W) probabilities of "manipulated", in [0, 1].
+      gt: (H, W) ground truth, positive iff > 0 (bool, 0/1 or 0/255 all work).
+      threshold: pred = prob > threshold. MIML uses clamp(1 - p_image_tampered, 0.3, 0.7) per
+        image, or a fixed 0.5.
+      valid: optional (H, W) boolean mask of the pixels to count (padding is False).
+      name: kept in `per_image()` and used in error messages.
+
+    Raises:
+      UserInputError: naming the image, when shapes disagree or prob has values outside [0, 1]
+        or non-finite values on counted pixels.
+    """
+    label = name if name is not None else f"image #{len(self._rows)}"
+    prob, gt = np.asarray(prob), np.asarray(gt)
+    if prob.ndim != 2 or prob.shape != gt.shape:
+      raise UserInputError(
+          f"{label}: expected prob and gt of one (H, W) shape, got {prob.shape} and {gt.shape}")
+    if valid is not None:
+      valid = np.asarray(valid, dtype=bool)
+      if valid.shape != prob.shape:
+        raise UserInputError(f"{label}: valid has shape {valid.shape}, prob {prob.shape}")
+      prob, gt = prob[valid], gt[valid]
+    else:
+      prob, gt = prob.ravel(), gt.ravel()
+    gt = gt > 0
+    if prob.size and not (np.all(np.isfinite(prob)) and prob.min() >= 0 and prob.max() <= 1):
+      raise UserInputError(
+          f"{label}: probabilities must be finite and within [0, 1], got {_value_range(prob)} "
+          "(a 0..255 map must be divided by 255 first)")
+
+    tp, fp, fn, tn = (int(c) for c in _confusion(np, prob > threshold, gt, None, np.int64))
+    self._tp += tp
+    self._fp += fp
+    self._fn += fn
+    self._tn += tn
+    bins = _bin_index(prob, self.num_bins)
+    self._pos_hist += np.bincount(bins[gt], minlength=self.num_bins)
+    self._neg_hist += np.bincount(bins[~gt], minlength=self.num_bins)
+
+    # Python floats, i.e. float64, as the official scripts compute.
+    row = {"name": name}
+    scores = scores_from_counts(float(tp), float(fp), float(fn))
+    row.update({key: float(value) for key, value in scores.items()})
+    row["auc"] = _auc_flat(prob, gt)
+    self._rows.append(row)
+
+  def add_batch(self, probs, gts, threshold=DEFAULT_THRESHOLD, valid=None,
+                names: Sequence[str] | None = None):
+    """Adds a (B, H, W) batch; `threshold` is one float or one per image, `valid` (B, H, W)."""
+    probs, gts = np.asarray(probs), np.asarray(gts)
+    if probs.ndim != 3:
+      raise ValueError(f"add_batch expects (B, H, W) probabilities, got shape {probs.shape}")
+    count = probs.shape[0]
+    thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (count,))
+    if names is not None and len(names) != count:
+      raise ValueError(f"got {len(names)} names for a batch of {count}")
+    for index in range(count):
+      self.add(probs[index], gts[index], float(thresholds[index]),
+               None if valid is None else valid[index],
+               None if names is None else names[index])
+
+  def summary(self) -> dict:
+    """The dataset numbers, as plain Python numbers.
+
+    Keys: num_images; iou, precision, recall, f1 (means over images); pooled_iou,
+    pooled_precision, pooled_recall, pooled_f1 (one confusion matrix); pixel_auc (mean over the
+    images whose AUC is defined); pixel_auc_pooled (histogram AUC); num_auc_undefined (images
+    skipped in pixel_auc because their ground truth is all 0 or all 1).
+    """
+    pooled = scores_from_counts(float(self._tp), float(self._fp), float(self._fn))
+    aucs = [row["auc"] for row in self._rows if not math.isnan(row["auc"])]
+    result = {"num_images": len(self._rows)}
+    for key in _SCORE_KEYS:
+      result[key] = _mean([row[key] for row in self._rows])
+    for key in _SCORE_KEYS:
+      result[f"pooled_{key}"] = float(pooled[key])
+    result["pixel_auc"] = _mean(aucs)
+    result["pixel_auc_pooled"] = _auc_from_histograms(self._pos_hist, self._neg_hist)
+    result["num_auc_undefined"] = len(self._rows) - len(aucs)
+    return result
+
+  def per_image(self) -> list[dict]:
+    """One dict per added image: name, iou, precision, recall, f1, auc (NaN if undefined)."""
+    return [dict(row) for row in self._rows]
+
+
+def trivial_predictor_scores(gts: Sequence[np.ndarray],
+                             num_bins: int = DEFAULT_NUM_BINS) -> dict[str, dict]:
+  """Summaries of the all-zero and all-one predictors on these ground-truth masks.
+
+  The floor any model must beat: all-zero scores 0 everywhere; all-one scores IoU = P = the
+  manipulated area fraction and R ~ 1; both have pixel AUC 0.5.
+
+  Returns:
+    {"all_zero": summary, "all_one": summary}, each as `MetricAccumulator.summary()`.
+  """
+  result = {}
+  for key, value in (("all_zero", 0.0), ("all_one", 1.0)):
+    accumulator = MetricAccumulator(num_bins)
+    for gt in gts:
+      gt = np.asarray(gt)
+      accumulator.add(np.full(gt.shape, value, np.float32), gt)
+    result[key] = accumulator.summary()
+  return result

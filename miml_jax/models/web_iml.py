@@ -1,0 +1,127 @@
+"""Web-IML: our documented reconstruction (METHODS.md section 6), not a published architecture.
+
+Web-IML's layers are not public. Its public description names "Multi-Scale Perception" and
+"Self-Rectification"; we build it in the APSC-Net lineage:
+
+* multi-scale perception = the SE-gated fusion of the four pyramid levels plus ASPP over all
+  scales (the `APSCHead`'s fusion and MSDEC);
+* self-rectification = the iterative passes in which the model's previous prediction re-weights
+  its features through the dynamic-kernel attention (`APSCHead.rectify_passes`).
+
+`WebIML` = a configurable ConvNeXt `backbone` + the same `APSCHead` as `decode_head`. With
+backbone preset 'base', drop_path_rate 0.4 and the default head it *is* APSC-Net (same parameter
+tree). Every departure is a config switch so ablations can isolate it: the backbone size
+(`model.backbone.preset` or dims/depths, `in_chans`), the fusion ('se' | 'sum'), the number of
+rectification passes (0 = none), the image-level head, and the compute dtype. Web-supervision
+aware training (soft-mask ignore band, per-source / QES-weighted sampling) lives in the input
+pipeline and losses, not here.
+
+Config (an ml_collections.ConfigDict or a plain dict):
+
+    model.name = 'web_iml'
+    model.backbone = dict(name='convnext', preset='base' | 'tiny' | ... | None,
+                          dims=None | (d0, d1, d2, d3), depths=None | (n0, n1, n2, n3),
+                          in_chans=3, drop_path_rate=0.4, layer_scale_init_value=1.0)
+    model.head = dict(<any APSCHeadConfig field>)
+    model.dtype = 'float32' | 'bfloat16'
+
+Parameter naming is the APSC-Net one (torch state_dict keys 1:1, numeric indices joined to the
+previous name with '_'); see naming.py.
+"""
+
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from miml_jax.errors import UserInputError
+from miml_jax.models import apsc_net
+from miml_jax.models import convnext
+
+Array = jax.Array
+Dtype = Any
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+  """The WebIML backbone. Only 'convnext' exists so far (a ViT option may be added)."""
+  name: str = 'convnext'
+  dims: Tuple[int, ...] = convnext.CONVNEXT_PRESETS['base'][0]
+  depths: Tuple[int, ...] = convnext.CONVNEXT_PRESETS['base'][1]
+  in_chans: int = 3
+  drop_path_rate: float = 0.4
+  layer_scale_init_value: float = 1.0
+
+  @classmethod
+  def from_dict(cls, d: Optional[Mapping[str, Any]]) -> 'BackboneConfig':
+    """Builds from a dict / ConfigDict with an optional `preset`; unknown keys are errors."""
+    d = dict(d or {})
+    name = d.pop('name', 'convnext')
+    if name != 'convnext':
+      raise UserInputError(f"model.backbone.name: {name!r} is not supported (only 'convnext')")
+    preset = d.pop('preset', None)
+    dims, depths = d.pop('dims', None), d.pop('depths', None)
+    if preset is None and dims is None and depths is None:
+      preset = 'base'
+    dims, depths = convnext.convnext_dims_depths(preset, dims, depths)
+    known = {'in_chans', 'drop_path_rate', 'layer_scale_init_value'}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise UserInputError(f'model.backbone: unknown key(s) {unknown}; known: '
+                           f"{sorted(known | {'name', 'preset', 'dims', 'depths'})}")
+    return cls(name=name, dims=dims, depths=depths, **d)
+
+
+def resolve_dtype(name: Any) -> Dtype:
+  """'float32' / 'bfloat16' / 'float16' (or a dtype) -> a jnp dtype."""
+  if not isinstance(name, str):
+    return name
+  if name not in DTYPES:
+    raise UserInputError(f'model.dtype: {name!r} is not one of {sorted(DTYPES)}')
+  return DTYPES[name]
+
+
+class WebIML(nn.Module):
+  """Configurable backbone + APSCHead; `__call__(x, train)` -> dict(logits, aux, image_logits).
+
+  x is (B, H, W, in_chans), already normalised, H and W multiples of 32. `logits` are at 1/4 of
+  the input resolution (float32; the caller upsamples), `aux` the deep-supervision logits,
+  `image_logits` (B, 2) or None.
+  """
+  backbone: BackboneConfig = BackboneConfig()
+  head: apsc_net.APSCHeadConfig = apsc_net.APSCHeadConfig()
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @classmethod
+  def from_config(cls, model_config: Mapping[str, Any]) -> 'WebIML':
+    """Builds from the `model` section of a config (ConfigDict or dict)."""
+    cfg = as_dict(model_config)
+    return cls(backbone=BackboneConfig.from_dict(as_dict(cfg.get('backbone'))),
+               head=apsc_net.APSCHeadConfig.from_dict(as_dict(cfg.get('head'))),
+               dtype=resolve_dtype(cfg.get('dtype', 'float32')))
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Dict[str, Any]:
+    apsc_net.check_image_input(x, self.backbone.in_chans)
+    bb = self.backbone
+    feats = convnext.ConvNeXt(dims=bb.dims, depths=bb.depths, in_chans=bb.in_chans,
+                              drop_path_rate=bb.drop_path_rate,
+                              layer_scale_init_value=bb.layer_scale_init_value,
+                              dtype=self.dtype, param_dtype=self.param_dtype,
+                              name='backbone')(x, train)
+    return apsc_net.APSCHead(self.head, self.dtype, self.param_dtype,
+                             name='decode_head')(feats, train)
+
+
+def as_dict(c: Any) -> Dict[str, Any]:
+  """A ConfigDict / mapping / None as a plain (shallow) dict."""
+  if c is None:
+    return {}
+  if hasattr(c, 'to_dict'):
+    return c.to_dict()
+  return dict(c)

@@ -1,0 +1,266 @@
+"""The trainer: one sectioned loop on jax.jit with NamedSharding (big_vision style).
+
+    miml-jax train --config experiments/quickstart.py --workdir W
+
+Sections: workdir and config -> mesh -> data -> model and optimiser -> restore or init ->
+compiled step -> loop (progress, checkpoints, periodic evaluation) -> final evaluation and
+pictures. Runs unchanged on one CPU, N local devices (the batch is split over a 'data' mesh
+axis; BatchNorm statistics are global because jit sees the whole batch), and several processes.
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from miml_jax import checkpoint as ckpt_lib
+from miml_jax import evaluate
+from miml_jax import losses
+from miml_jax import models
+from miml_jax import optim
+from miml_jax import visualize
+from miml_jax.config import to_json
+from miml_jax.errors import UserInputError
+from miml_jax.input import pipeline
+from miml_jax.input import sources
+from miml_jax.input import transforms
+
+
+def log(message: str):
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _check_workdir(workdir: str, config) -> int | None:
+  """Returns the step to resume from, or None; refuses a workdir that holds another model."""
+  config_path = os.path.join(workdir, "config.json")
+  ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
+  has_ckpt = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+  if not has_ckpt:
+    return None
+  if not os.path.isfile(config_path):
+    raise UserInputError(
+        f"{workdir}: holds checkpoints but no config.json; refusing to write into it")
+  with open(config_path) as f:
+    previous = ml_collections.ConfigDict(json.load(f))
+  if ckpt_lib.describe_model(previous) != ckpt_lib.describe_model(config):
+    old, new = previous.model.to_dict(), config.model.to_dict()
+    diff = sorted(_diff_keys(old, new))
+    raise UserInputError(
+        f"{workdir}: holds a checkpoint of another model ({previous.model.name}; differs in "
+        f"model.{', model.'.join(diff[:5])}); use a new --workdir or delete that one")
+  _, step = ckpt_lib.find_checkpoint(workdir)
+  return step
+
+
+def _diff_keys(a, b, prefix=""):
+  keys = set(a) | set(b)
+  for key in keys:
+    va, vb = a.get(key), b.get(key)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      yield from _diff_keys(va, vb, f"{prefix}{key}.")
+    elif json.dumps(va, default=list) != json.dumps(vb, default=list):
+      yield prefix + key
+
+
+def make_train_step(model, optimizer, config, mesh):
+  """The compiled training step: (model_vars, train_vars, batch) -> (model_vars, train_vars, m)."""
+  compute_dtype = jnp.dtype(config.model.get("dtype", "float32"))
+
+  def loss_fn(params, batch_stats, images, labels, rng):
+    outputs, new_state = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        transforms.normalize(images, compute_dtype), train=True,
+        rngs={"dropout": rng}, mutable=["batch_stats"])
+    loss, terms = losses.segmentation_loss(outputs, labels, config.loss)
+    if outputs.get("image_logits") is not None and config.loss.image_weight > 0:
+      # The image head sees stop-gradient features (as in APSC-Net), so this term trains the head
+      # alone; an image counts as tampered when any pixel is.
+      image_labels = jnp.any(labels == 1, axis=(1, 2)).astype(jnp.int32)
+      image_loss = jnp.mean(-jnp.take_along_axis(
+          jax.nn.log_softmax(outputs["image_logits"].astype(jnp.float32)),
+          image_labels[:, None], axis=1))
+      terms["loss_image"] = image_loss
+      loss = loss + config.loss.image_weight * image_loss
+    return loss, (terms, new_state["batch_stats"])
+
+  def step_fn(model_vars, train_vars, batch):
+    rng = jax.random.fold_in(train_vars["rng"], train_vars["step"])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (terms, batch_stats)), grads = grad_fn(
+        model_vars["params"], model_vars["batch_stats"], batch["image"], batch["label"], rng)
+    updates, opt_state = optimizer.update(grads, train_vars["opt_state"], model_vars["params"])
+    params = jax.tree_util.tree_map(lambda p, u: p + u.astype(p.dtype),
+                                    model_vars["params"], updates)
+    grad_norm = optax.tree.norm(grads)
+    # A step is applied only if loss, gradients and the update itself are finite (an update can
+    # overflow with finite gradients, e.g. a diverging learning rate). Otherwise the state stays
+    # as it was and the step is counted.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(updates)))
+    # Under 'stop' the host sees the count rise and stops; under 'skip' training goes on.
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_model = keep({"params": params, "batch_stats": batch_stats}, model_vars)
+    new_train = {
+        "opt_state": keep(opt_state, train_vars["opt_state"]),
+        "step": train_vars["step"] + 1,
+        "rng": train_vars["rng"],
+        "nan_skips": train_vars["nan_skips"] + (~finite).astype(jnp.int32),
+    }
+    lr = optim.learning_rate(train_vars["step"], 1.0, config.optim)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, **terms}
+    return new_model, new_train, metrics
+
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  return jax.jit(step_fn, donate_argnums=(0, 1),
+                 in_shardings=(replicated, replicated, batch_sharding),
+                 out_shardings=(replicated, replicated, replicated))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains per `config`, checkpointing into `workdir`; returns the final validation metrics."""
+  # ---- Workdir and config ----------------------------------------------------------------
+  workdir = os.path.abspath(workdir)
+  resume_step = _check_workdir(workdir, config)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(to_json(config))
+
+  # ---- Mesh ------------------------------------------------------------------------------
+  devices = np.array(jax.devices())
+  mesh = jax.sharding.Mesh(devices, ("data",))
+  global_batch = config.input.batch_size
+  if global_batch % len(devices):
+    raise UserInputError(
+        f"--config.input.batch_size={global_batch}: must be divisible by the {len(devices)} "
+        f"devices")
+  local_batch = global_batch // jax.process_count()
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  # ---- Data ------------------------------------------------------------------------------
+  train_source = sources.make_source(
+      config.data.train, "train", image_size=config.data.image_size, seed=config.data.seed)
+  val_source = sources.make_source(
+      config.data.validation, "validation", image_size=config.data.image_size,
+      seed=config.data.seed)
+  if len(train_source) < global_batch:
+    raise UserInputError(f"data.train={config.data.train}: {len(train_source)} examples, fewer "
+                         f"than one batch of {global_batch}")
+  augment = transforms.AugmentConfig.from_config(config.input.augment)
+  train_iter = iter(pipeline.train_dataset(
+      train_source, batch_size=local_batch, augment=augment, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=config.input.num_workers))
+
+  # ---- Model and optimiser ---------------------------------------------------------------
+  model = models.build_model(config.model)
+  init_rng = jax.random.PRNGKey(config.seed)
+  replicated = NamedSharding(mesh, P())
+  model_vars = jax.jit(lambda r: models.init_variables(model, config, r),
+                       out_shardings=replicated)(init_rng)
+  optimizer = optim.make_optimizer(config.optim, model_vars["params"])
+  train_vars = jax.jit(lambda p: {
+      "opt_state": optimizer.init(p), "step": jnp.zeros([], jnp.int32),
+      # A raw uint32 key, so it checkpoints as a plain array.
+      "rng": jax.random.fold_in(init_rng, 1),
+      "nan_skips": jnp.zeros([], jnp.int32)}, out_shardings=replicated)(model_vars["params"])
+  log(f"model {config.model.name}: {models.count_params(model_vars['params']) / 1e6:.2f} M "
+      f"parameters; {len(devices)} device(s) {devices[0].platform}, "
+      f"{jax.process_count()} process(es), global batch {global_batch}")
+
+  # ---- Restore or start ------------------------------------------------------------------
+  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+  if resume_step is not None:
+    abstract = lambda tree: jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    model_vars, train_vars = checkpointer.restore_training(
+        resume_step, abstract(model_vars), abstract(train_vars), train_iter)
+    log(f"resumed from {checkpointer.directory}/{resume_step}")
+  step_fn = make_train_step(model, optimizer, config, mesh)
+
+  # ---- Loop ------------------------------------------------------------------------------
+  total = config.train.steps
+  start = int(train_vars["step"])
+  history_path = os.path.join(workdir, "metrics.jsonl")
+  nan_skips = int(train_vars["nan_skips"])
+  t0, s0 = time.time(), start
+  step = start
+  for step in range(start + 1, total + 1):
+    local = next(train_iter)
+    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
+             for k, v in local.items()}
+    model_vars, train_vars, metrics = step_fn(model_vars, train_vars, batch)
+    if step % config.train.log_every == 0 or step == total:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      skips = int(train_vars["nan_skips"])
+      if skips > nan_skips:
+        message = (f"step {step}: {skips - nan_skips} step(s) with non-finite loss or gradients "
+                   f"since step {step - config.train.log_every} (not applied; {skips} in total)")
+        if config.train.nan_policy == "stop":
+          last = checkpointer.latest_step()
+          checkpointer.close()
+          where = (f"the last checkpoint, {checkpointer.directory}/{last}, holds finite weights"
+                   if last is not None else "no checkpoint was written")
+          raise FloatingPointError(
+              message + f"; stopping (train.nan_policy='stop'); {where}")
+        log("warning: " + message + "; skipped (train.nan_policy='skip')")
+        nan_skips = skips
+      elapsed = time.time() - t0
+      rate = (step - s0) / max(elapsed, 1e-9)
+      eta = (total - step) / max(rate, 1e-9)
+      log(f"step {step}/{total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+          f"grad_norm {metrics['grad_norm']:.3f}  {rate:.2f} steps/s  "
+          f"{rate * global_batch:.1f} img/s  ETA {_format_seconds(eta)}")
+      _append_jsonl(history_path, {"step": step, "steps_per_sec": rate,
+                                   "images_per_sec": rate * global_batch, **metrics,
+                                   "nan_skips": skips})
+    if step % config.train.checkpoint_every == 0 or step == total:
+      checkpointer.save(step, model_vars, train_vars, train_iter, config)
+    if config.train.eval_every and step % config.train.eval_every == 0 and step != total:
+      _evaluate(model, model_vars, config, val_source, workdir, step, history_path, mesh,
+                write_pictures=False)
+  checkpointer.close()
+
+  # ---- Final evaluation and pictures -----------------------------------------------------
+  result = _evaluate(model, model_vars, config, val_source, workdir, step, history_path, mesh,
+                     write_pictures=True)
+  if jax.process_index() == 0:
+    visualize.plot_history(history_path, os.path.join(workdir, "curves.png"))
+  return result
+
+
+def _evaluate(model, model_vars, config, source, workdir, step, history_path, mesh,
+              write_pictures):
+  t = time.time()
+  result = evaluate.evaluate(model, model_vars, config, source, mesh=mesh,
+                             out_dir=workdir if write_pictures else None)
+  summary = result["summary"]
+  log(f"validation @ step {step}: IoU {summary['iou']:.4f}  P {summary['precision']:.4f}  "
+      f"R {summary['recall']:.4f}  F1 {summary['f1']:.4f}  pixel AUC {summary['pixel_auc']:.4f}"
+      f"  ({summary['num_images']} images, {time.time() - t:.1f}s)")
+  _append_jsonl(history_path, {"step": step, **{f"val_{k}": v for k, v in summary.items()}})
+  if write_pictures and jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump({"step": step, **result}, f, indent=2, default=float)
+  return result
+
+
+def _append_jsonl(path, record):
+  if jax.process_index() == 0:
+    with open(path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,96 @@
+"""Pictures of results: heatmap overlays, contact sheets and training curves."""
+
+import json
+import os
+
+import cv2
+import numpy as np
+
+from miml_jax import io
+
+
+def heatmap(prob: np.ndarray) -> np.ndarray:
+  """Probability (H, W) in [0, 1] -> RGB uint8 (H, W, 3), blue (0) to red (1)."""
+  grey = np.clip(np.round(prob * 255), 0, 255).astype(np.uint8)
+  return cv2.applyColorMap(grey, cv2.COLORMAP_JET)[:, :, ::-1]
+
+
+def overlay(image: np.ndarray, prob: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+  """Heatmap blended over the image; pixels with low probability keep more of the photo."""
+  weight = (alpha * np.clip(prob, 0, 1))[:, :, None]
+  blended = image.astype(np.float32) * (1 - weight) + heatmap(prob).astype(np.float32) * weight
+  return np.round(blended).astype(np.uint8)
+
+
+def outline(image: np.ndarray, mask: np.ndarray, color=(0, 255, 0)) -> np.ndarray:
+  """The image with the contour of a binary mask drawn on it."""
+  out = np.ascontiguousarray(image.copy())
+  contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                 cv2.CHAIN_APPROX_SIMPLE)
+  thickness = max(1, round(max(image.shape[:2]) / 256))
+  cv2.drawContours(out, contours, -1, color, thickness)
+  return out
+
+
+def _label(tile: np.ndarray, text: str) -> np.ndarray:
+  tile = np.ascontiguousarray(tile)
+  scale = max(0.3, tile.shape[1] / 400)
+  cv2.putText(tile, text, (3, int(14 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, scale,
+              (255, 255, 255), max(1, int(2 * scale)), cv2.LINE_AA)
+  cv2.putText(tile, text, (3, int(14 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0),
+              1, cv2.LINE_AA)
+  return tile
+
+
+def comparison_row(image, gt, prob, threshold: float, title: str = "") -> np.ndarray:
+  """[image | ground truth outline | heatmap overlay | binary prediction] at a common height."""
+  pred = prob > threshold
+  tiles = [_label(image, title), _label(outline(image, gt), "ground truth"),
+           _label(overlay(image, prob), "heatmap"),
+           _label(np.repeat(pred[:, :, None].astype(np.uint8) * 255, 3, axis=2),
+                  f"mask > {threshold:.2f}")]
+  return np.concatenate(tiles, axis=1)
+
+
+def contact_sheet(rows: list[np.ndarray], width: int = 1024) -> np.ndarray:
+  """Stacks rows vertically after scaling each to `width` pixels."""
+  scaled = []
+  for row in rows:
+    height = max(1, round(row.shape[0] * width / row.shape[1]))
+    scaled.append(cv2.resize(row, (width, height), interpolation=cv2.INTER_AREA))
+  return np.concatenate(scaled, axis=0)
+
+
+def plot_history(jsonl_path: str, png_path: str):
+  """Training loss and validation IoU / F1 against the step, from the trainer's metrics.jsonl."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  if not os.path.isfile(jsonl_path):
+    return
+  with open(jsonl_path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  train = [r for r in records if "loss" in r]
+  val = [r for r in records if "val_iou" in r]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+  if train:
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="loss")
+    axes[0].set_yscale("log")
+  axes[0].set_xlabel("step")
+  axes[0].set_title("training loss")
+  for key in ("val_iou", "val_f1", "val_pixel_auc"):
+    if val:
+      axes[1].plot([r["step"] for r in val], [r[key] for r in val], marker="o",
+                   label=key[4:])
+  axes[1].set_xlabel("step")
+  axes[1].set_ylim(0, 1)
+  axes[1].set_title("validation")
+  axes[1].legend()
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=100)
+  plt.close(fig)
+
+
+def save(path: str, image: np.ndarray):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  io.write_image(path, image)

@@ -1,0 +1,142 @@
+"""Input side: label decoding, augmentations, the grain pipeline's determinism and resume,
+the folder source's errors, and evaluation batching."""
+
+import os
+
+import numpy as np
+import pytest
+
+from miml_jax import io
+from miml_jax.errors import UserInputError
+from miml_jax.input import pipeline, sources, transforms
+
+
+class ArraySource:
+  """A tiny in-memory source with distinct images, to check what the pipeline delivers."""
+
+  def __init__(self, n=10, size=40):
+    rng = np.random.default_rng(0)
+    self.items = [{"image": rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8),
+                   "mask": (rng.random((size, size + 8)) > 0.7).astype(np.uint8) * 255,
+                   "id": str(i), "is_jpeg": False} for i in range(n)]
+
+  def __len__(self):
+    return len(self.items)
+
+  def __getitem__(self, i):
+    return self.items[i]
+
+
+def test_decode_label_soft_band():
+  mask = np.array([[0, 7, 8, 100, 192, 193, 255]], np.uint8)
+  np.testing.assert_array_equal(transforms.decode_label(mask),
+                                [[0, 0, 255, 255, 255, 1, 1]])
+
+
+def test_train_augment_shapes_and_determinism():
+  sample = ArraySource(1)[0]
+  cfg = transforms.AugmentConfig(crop_size=32, jpeg_prob=1.0, rgb_shift_prob=1.0)
+  a = transforms.train_augment(sample["image"], sample["mask"], np.random.default_rng(3), cfg)
+  b = transforms.train_augment(sample["image"], sample["mask"], np.random.default_rng(3), cfg)
+  assert a[0].shape == (32, 32, 3) and a[0].dtype == np.uint8
+  assert a[1].shape == (32, 32) and set(np.unique(a[1])) <= {0, 1}
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_geometric_augment_keeps_image_and_mask_aligned():
+  # With a mask that equals a colour channel, every flip/rotation/crop must keep them equal.
+  rng = np.random.default_rng(1)
+  image = np.zeros((48, 48, 3), np.uint8)
+  image[..., 0] = (rng.random((48, 48)) > 0.5) * 255
+  # resize_range 1.5 x crop 32 = 48, the image size: no resampling, only crops and turns.
+  cfg = transforms.AugmentConfig(crop_size=32, resize_range=(1.5, 1.5), jpeg_prob=0.0,
+                                 rgb_shift_prob=0.0, hflip=0.5, vflip=0.5, rot90=0.5)
+  for seed in range(8):
+    out, label = transforms.train_augment(image, image[..., 0].copy(),
+                                          np.random.default_rng(seed), cfg)
+    np.testing.assert_array_equal(out[..., 0] // 255, label)
+
+
+def _batches(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_pipeline_is_deterministic_and_resumes_exactly():
+  source = ArraySource(10)
+  cfg = transforms.AugmentConfig(crop_size=32)
+  make = lambda: iter(pipeline.train_dataset(source, batch_size=3, augment=cfg, seed=7))
+  reference = _batches(make(), 8)
+  again = make()
+  first = _batches(again, 3)
+  state = again.get_state()
+  resumed = make()
+  resumed.set_state(state)
+  for got, want in zip(first + _batches(resumed, 5), reference):
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["label"], want["label"])
+  other_seed = next(iter(pipeline.train_dataset(source, batch_size=3, augment=cfg, seed=8)))
+  assert not np.array_equal(other_seed["image"], reference[0]["image"])
+
+
+def test_pipeline_shards_by_process():
+  source = ArraySource(12)
+  cfg = transforms.AugmentConfig(crop_size=16, resize_range=(1.0, 1.0), hflip=0, vflip=0,
+                                 rot90=0, jpeg_prob=0, rgb_shift_prob=0)
+  per_host = [next(iter(pipeline.train_dataset(source, batch_size=6, augment=cfg, seed=0,
+                                               process_index=i, process_count=2)))
+              for i in range(2)]
+  # Host 0 sees only even source indices, host 1 only odd ones: no image appears on both.
+  crops = lambda b: {img.tobytes() for img in b["image"]}
+  assert not crops(per_host[0]) & crops(per_host[1])
+
+
+def test_eval_batches_pad_group_and_fill():
+  source = ArraySource(5, size=40)  # 40 x 48 -> padded to 64 x 64
+  batches = list(pipeline.eval_batches(source, batch_size=2))
+  assert [b["valid"].tolist() for b in batches] == [[True, True], [True, True], [True, False]]
+  assert all(b["image"].shape == (2, 64, 64, 3) for b in batches)
+  assert [s["index"] for b in batches for s in b["samples"]] == list(range(5))
+  np.testing.assert_array_equal(batches[0]["image"][0, :40, :48], source[0]["image"])
+
+
+def _write_layout(root, n=2, size=(20, 24)):
+  os.makedirs(root / "imgs")
+  os.makedirs(root / "masks")
+  for i in range(n):
+    io.write_image(str(root / "imgs" / f"{i}.jpg"), np.full((*size, 3), 100, np.uint8))
+    io.write_image(str(root / "masks" / f"{i}.png"), np.zeros(size, np.uint8))
+
+
+def test_folder_source_reads_miml_layout(tmp_path):
+  _write_layout(tmp_path)
+  source = sources.make_source(f"folder:{tmp_path}", "validation")
+  assert len(source) == 2
+  item = source[1]
+  assert item["image"].shape == (20, 24, 3) and item["mask"].shape == (20, 24)
+  assert item["is_jpeg"] and item["id"] == os.path.join("imgs", "1.jpg")
+
+
+def test_folder_source_errors_name_the_file(tmp_path):
+  with pytest.raises(UserInputError, match="imgs/ and a masks/"):
+    sources.make_source(f"folder:{tmp_path}", "train")
+  os.makedirs(tmp_path / "imgs")
+  with pytest.raises(UserInputError, match="no images"):
+    sources.make_source(f"folder:{tmp_path}", "train")
+  _write_layout(tmp_path / "a")
+  os.remove(tmp_path / "a" / "masks" / "1.png")
+  with pytest.raises(UserInputError, match=r"1\.jpg: no mask"):
+    sources.make_source(f"folder:{tmp_path / 'a'}", "train")
+  _write_layout(tmp_path / "b")
+  io.write_image(str(tmp_path / "b" / "masks" / "0.png"), np.zeros((5, 5), np.uint8))
+  source = sources.make_source(f"folder:{tmp_path / 'b'}", "train")
+  with pytest.raises(UserInputError, match=r"masks/0\.png: mask is 5x5 but its image"):
+    source[0]
+  (tmp_path / "b" / "imgs" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+  with pytest.raises(UserInputError, match=r"imgs/1\.jpg: not a readable image"):
+    source[1]
+
+
+def test_unknown_source_kind():
+  with pytest.raises(UserInputError, match="unknown kind 'tfds'"):
+    sources.make_source("tfds:casia", "train")

@@ -1,0 +1,68 @@
+"""Losses against plain NumPy statements of mmseg's OhemCrossEntropy and masked CE."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from miml_jax import losses
+from miml_jax.input.transforms import IGNORE_LABEL
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def ohem_reference(logits, labels, thresh, min_kept):
+  """mmseg OhemCrossEntropy, restated: sort valid true-class probs, threshold, mean kept CE."""
+  prob = _softmax(logits.astype(np.float64))
+  valid = labels != IGNORE_LABEL
+  safe = np.where(valid, labels, 0)
+  true_prob = np.take_along_axis(prob, safe[..., None], -1)[..., 0]
+  ce = -np.log(true_prob)
+  p = np.sort(true_prob[valid])
+  if p.size == 0:
+    return 0.0
+  threshold = max(p[min(min_kept, p.size - 1)], thresh)
+  keep = valid & (true_prob < threshold)
+  return ce[keep].mean() if keep.any() else 0.0
+
+
+@pytest.mark.parametrize("min_kept", [1, 10, 50, 10_000])
+@pytest.mark.parametrize("thresh", [0.3, 0.7, 0.99])
+def test_ohem_matches_reference(min_kept, thresh):
+  rng = np.random.default_rng(min_kept)
+  logits = rng.normal(size=(2, 6, 5, 2)).astype(np.float32) * 2
+  labels = rng.integers(0, 2, size=(2, 6, 5)).astype(np.uint8)
+  labels[0, 0, :3] = IGNORE_LABEL
+  got = float(losses.ohem_cross_entropy(logits, labels, thresh, min_kept))
+  np.testing.assert_allclose(got, ohem_reference(logits, labels, thresh, min_kept), rtol=1e-5)
+
+
+def test_cross_entropy_ignores_label():
+  logits = np.array([[[[2.0, 0.0], [0.0, 2.0], [5.0, -5.0]]]], np.float32)
+  labels = np.array([[[0, 0, IGNORE_LABEL]]], np.uint8)
+  expected = np.mean([-np.log(_softmax(np.array([2.0, 0]))[0]),
+                      -np.log(_softmax(np.array([0.0, 2]))[0])])
+  np.testing.assert_allclose(float(losses.cross_entropy(logits, labels)), expected, rtol=1e-6)
+
+
+def test_all_ignored_gives_zero():
+  logits = np.zeros((1, 4, 4, 2), np.float32)
+  labels = np.full((1, 4, 4), IGNORE_LABEL, np.uint8)
+  assert float(losses.ohem_cross_entropy(logits, labels)) == 0.0
+  assert float(losses.cross_entropy(logits, labels)) == 0.0
+
+
+def test_deep_supervision_weights_and_upsampling():
+  rng = np.random.default_rng(0)
+  final = rng.normal(size=(1, 4, 4, 2)).astype(np.float32)
+  aux = rng.normal(size=(1, 4, 4, 2)).astype(np.float32)
+  labels = rng.integers(0, 2, size=(1, 16, 16)).astype(np.uint8)
+  config = ml_collections.ConfigDict(dict(name="ce", weights=(1.0, 0.25), ohem_thresh=0.7,
+                                          ohem_min_kept=100))
+  total, terms = losses.segmentation_loss({"logits": final, "aux": (aux,)}, labels, config)
+  assert set(terms) == {"loss_final", "loss_aux0"}
+  np.testing.assert_allclose(float(total),
+                             float(terms["loss_final"]) + 0.25 * float(terms["loss_aux0"]),
+                             rtol=1e-6)
