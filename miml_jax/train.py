@@ -166,34 +166,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = models.build_model(config.model)
   init_rng = jax.random.PRNGKey(config.seed)
   replicated = NamedSharding(mesh, P())
-  model_vars = jax.jit(lambda r: models.init_variables(model, config, r),
-                       out_shardings=replicated)(init_rng)
-  optimizer = optim.make_optimizer(config.optim, model_vars["params"])
-  train_vars = jax.jit(lambda p: {
-      "opt_state": optimizer.init(p), "step": jnp.zeros([], jnp.int32),
-      # A raw uint32 key, so it checkpoints as a plain array.
-      "rng": jax.random.fold_in(init_rng, 1),
-      "nan_skips": jnp.zeros([], jnp.int32)}, out_shardings=replicated)(model_vars["params"])
-  log(f"model {config.model.name}: {models.count_params(model_vars['params']) / 1e6:.2f} M "
+
+  def init_state(rng):
+    model_vars = models.init_variables(model, config, rng)
+    train_vars = {"opt_state": optimizer.init(model_vars["params"]),
+                  "step": jnp.zeros([], jnp.int32),
+                  # A raw uint32 key, so it checkpoints as a plain array.
+                  "rng": jax.random.fold_in(rng, 1), "nan_skips": jnp.zeros([], jnp.int32)}
+    return model_vars, train_vars
+
+  abstract_params = models.abstract_variables(model, config)["params"]
+  optimizer = optim.make_optimizer(config.optim, abstract_params)
+  log(f"model {config.model.name}: {models.count_params(abstract_params) / 1e6:.2f} M "
       f"parameters; {len(devices)} device(s) {devices[0].platform}, "
       f"{jax.process_count()} process(es), global batch {global_batch}")
 
   # ---- Restore or start ------------------------------------------------------------------
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
-  if resume_step is not None:
-    abstract = lambda tree: jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-    model_vars, train_vars = checkpointer.restore_training(
-        resume_step, abstract(model_vars), abstract(train_vars), train_iter)
+  if resume_step is None:
+    model_vars, train_vars = jax.jit(init_state, out_shardings=replicated)(init_rng)
+  else:
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(init_state, init_rng))
+    model_vars, train_vars = checkpointer.restore_training(resume_step, *abstract, train_iter)
     log(f"resumed from {checkpointer.directory}/{resume_step}")
   step_fn = make_train_step(model, optimizer, config, mesh)
+  log("compiling the training step (first step) ...")
 
   # ---- Loop ------------------------------------------------------------------------------
   total = config.train.steps
   start = int(train_vars["step"])
   history_path = os.path.join(workdir, "metrics.jsonl")
   nan_skips = int(train_vars["nan_skips"])
-  t0, s0 = time.time(), start
+  window_start, window_step = time.time(), start
   step = start
   for step in range(start + 1, total + 1):
     local = next(train_iter)
@@ -215,8 +221,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               message + f"; stopping (train.nan_policy='stop'); {where}")
         log("warning: " + message + "; skipped (train.nan_policy='skip')")
         nan_skips = skips
-      elapsed = time.time() - t0
-      rate = (step - s0) / max(elapsed, 1e-9)
+      # Rates over the last window, so compilation and evaluation pauses age out.
+      now = time.time()
+      rate = (step - window_step) / max(now - window_start, 1e-9)
+      window_start, window_step = now, step
       eta = (total - step) / max(rate, 1e-9)
       log(f"step {step}/{total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
           f"grad_norm {metrics['grad_norm']:.3f}  {rate:.2f} steps/s  "
@@ -229,6 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.train.eval_every and step % config.train.eval_every == 0 and step != total:
       _evaluate(model, model_vars, config, val_source, workdir, step, history_path, mesh,
                 write_pictures=False)
+      window_start = time.time()
   checkpointer.close()
 
   # ---- Final evaluation and pictures -----------------------------------------------------

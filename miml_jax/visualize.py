@@ -15,10 +15,9 @@ def heatmap(prob: np.ndarray) -> np.ndarray:
   return cv2.applyColorMap(grey, cv2.COLORMAP_JET)[:, :, ::-1]
 
 
-def overlay(image: np.ndarray, prob: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-  """Heatmap blended over the image; pixels with low probability keep more of the photo."""
-  weight = (alpha * np.clip(prob, 0, 1))[:, :, None]
-  blended = image.astype(np.float32) * (1 - weight) + heatmap(prob).astype(np.float32) * weight
+def overlay(image: np.ndarray, prob: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+  """The heatmap blended over the image at a constant opacity (low values stay visible)."""
+  blended = image.astype(np.float32) * (1 - alpha) + heatmap(prob).astype(np.float32) * alpha
   return np.round(blended).astype(np.uint8)
 
 
@@ -33,7 +32,7 @@ def outline(image: np.ndarray, mask: np.ndarray, color=(0, 255, 0)) -> np.ndarra
 
 
 def _label(tile: np.ndarray, text: str) -> np.ndarray:
-  tile = np.ascontiguousarray(tile)
+  tile = tile.copy()  # Never draw on the caller's image: it is reused for the other tiles.
   scale = max(0.3, tile.shape[1] / 400)
   cv2.putText(tile, text, (3, int(14 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, scale,
               (255, 255, 255), max(1, int(2 * scale)), cv2.LINE_AA)

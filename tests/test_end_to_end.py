@@ -62,11 +62,14 @@ def test_train_writes_everything(trained):
 
 
 def test_resume_is_exact(trained, tmp_path, capsys):
-  """2 steps, stop, resume to 4 == the uninterrupted 4-step run, bit for bit."""
+  """A run that died after its step-2 checkpoint resumes to the same step-4 weights, bit for bit
+  (same batches from the restored grain iterator, same RNG, same optimiser state)."""
+  import shutil
   workdir = tmp_path / "w"
-  assert train(capsys, workdir, 2)[0] == 0
+  shutil.copytree(trained, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "4")
   code, _, err = train(capsys, workdir, 4)
-  assert code == 0 and "resumed from" in err
+  assert code == 0 and "resumed from" in err and "checkpoints/2" in err
   resumed, straight = _params(workdir, 4), _params(trained, 4)
   import jax
   for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(straight)):
@@ -83,8 +86,10 @@ def test_eval_cli(trained, tmp_path, capsys):
   stored = json.loads((tmp_path / "e" / "metrics.json").read_text())
   assert stored["summary"] == result["summary"]
   assert (tmp_path / "e" / "per_image.csv").read_text().count("\n") == 7
-  # Restored weights reproduce the trainer's own final evaluation.
-  assert result["summary"] == json.loads((trained / "metrics.json").read_text())["summary"]
+  # Restored weights reproduce the trainer's own final evaluation (which ran sharded over two
+  # devices, so sums may differ in the last bits).
+  trainer = json.loads((trained / "metrics.json").read_text())["summary"]
+  assert result["summary"] == pytest.approx(trainer, rel=1e-6, abs=1e-9)
   code, _, err = run(capsys, "eval", "--checkpoint", str(trained), "--out", str(tmp_path / "e"))
   assert code == 2 and "exists and is not empty" in err
 

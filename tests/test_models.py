@@ -512,3 +512,36 @@ def test_config_errors():
     models.build_model({'name': 'apsc_net', 'backbone': {'preset': 'tiny'}})
   m = models.build_model({'name': 'apsc_net', 'head': {'image_head': False}, 'dtype': 'bfloat16'})
   assert isinstance(m, models.APSCNet) and not m.head.image_head and m.dtype == jnp.bfloat16
+
+
+def test_srm_residuals_match_scipy():
+  from scipy import signal
+  from miml_jax.models import noise
+  x = np.random.default_rng(0).normal(size=(2, 12, 10, 3)).astype(np.float32)
+  got = np.asarray(noise.srm_residuals(jnp.asarray(x)))
+  padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), mode='reflect')
+  for b in range(2):
+    for k in range(3):
+      for c in range(3):
+        want = signal.correlate2d(padded[b, :, :, c], noise.SRM_KERNELS[k], mode='valid')
+        np.testing.assert_allclose(got[b, :, :, 3 * k + c], want, atol=1e-5)
+  # Every SRM kernel is a high-pass filter: a flat image has no residual.
+  assert np.abs(np.asarray(noise.srm_residuals(jnp.ones((1, 8, 8, 3))))).max() < 1e-6
+
+
+def test_web_iml_noise_view_widens_only_the_stem():
+  cfg = _tiny_config()
+  cfg.noise_view = 'srm'
+  model = models.build_model(cfg)
+  x = jnp.zeros((1, 64, 64, 3))
+  shapes = jax.eval_shape(lambda: model.init({'params': _key(0), 'dropout': _key(1)}, x,
+                                             train=False))
+  # 3 image channels + 9 residual channels into the 4x4 stem conv; nothing else changes.
+  assert shapes['params']['backbone']['downsample_layers_0_0']['kernel'].shape == (4, 4, 12, 8)
+  plain = jax.eval_shape(lambda: models.build_model(_tiny_config()).init(
+      {'params': _key(0), 'dropout': _key(1)}, x, train=False))
+  assert (models.count_params(shapes) - models.count_params(plain)) == 4 * 4 * 9 * 8
+  with pytest.raises(UserInputError, match='noise_view'):
+    bad = _tiny_config()
+    bad.noise_view = 'dct'
+    jax.eval_shape(lambda: models.build_model(bad).init({'params': _key(0)}, x, train=False))

@@ -10,22 +10,26 @@ A sample is built in three steps:
 1. A procedural scene: a colour gradient, multi-octave value-noise texture, several textured
    shapes and a few lines, all drawn from one per-image "style" (palette, roughness), so a second
    scene of the same style has similar colours and textures.
-2. A simulated camera: optional slight blur, sensor noise with a per-image sigma, and JPEG at a
-   per-image quality.
+2. A simulated camera: optional slight blur, sensor noise with a per-image sigma (1.5-5 on the
+   0-255 scale), and JPEG at a per-image quality (80-95).
 3. One manipulation kind, applied to 1-2 regions (smoothed random polygons, ellipses or rotated
-   rectangles, with hard or soft edges):
-   - "splice": the region comes from another scene of the same style that went through a
-     clearly different camera (noise sigma, JPEG quality, blur), pasted with a JPEG grid that is
-     misaligned with the host's and its colours matched to the host's;
-   - "copy_move": a region of the same image is pasted elsewhere, usually rescaled / rotated
-     (resampling smooths its noise); the mask marks only the pasted target;
-   - "local_edit": the region is re-processed in place by Gaussian blur, added noise, a median
-     filter or a JPEG at a much lower quality.
-   The composite is then often JPEG-compressed once more, as a saved forgery would be.
+   rectangles, with hard or soft edges) covering 3-35% of the image (about 12% on average):
+   - "splice" (45%): the region comes from another scene of the same style that went through a
+     clearly different camera (mostly much noisier, sometimes much cleaner; another JPEG
+     quality; often enlarged), pasted with a JPEG grid misaligned with the host's and its
+     colours matched to what it covers;
+   - "copy_move" (20%): a region of the same image is pasted elsewhere, usually rescaled and
+     rotated (resampling smooths its noise); the mask marks only the pasted target;
+   - "local_edit" (35%): the region is re-processed in place: strong added noise, a JPEG at a
+     very low quality, a Gaussian blur or a median filter.
+   The composite is then often JPEG-compressed once more, as a saved forgery would be (the host
+   is then double-compressed).
 
-The manipulation therefore changes local noise / compression / resampling statistics rather
-than colour, which is what a tiny CNN can learn in a few hundred steps and what trivial
-predictors (all-zero, all-one, a grey-level threshold) cannot exploit.
+The manipulation changes local noise / compression / resampling statistics rather than colour,
+so trivial predictors (all-zero, all-one, a grey-level threshold) score poorly. The traces are
+deliberately strong, and mostly of the kind that adds high frequencies (noise, blocking): a
+plain CNN without a high-pass front end learns those within a few hundred steps, but learns
+missing noise (blur, clean donors) and resampling much more slowly. Copy-move is the hard kind.
 
 Samples are bit-identical across processes on one machine; a different CPU or OpenCV build may
 round a few pixels differently (OpenCV's SIMD code paths differ), which does not matter for
@@ -49,7 +53,7 @@ DEFAULT_NUM_EXAMPLES = {"train": 4096, "validation": 128}
 SPLIT_IDS = {"train": 0, "validation": 1}
 KINDS = ("splice", "copy_move", "local_edit")
 # Probabilities of KINDS: splices are the most common forgery in real datasets.
-KIND_PROBABILITIES = (0.4, 0.3, 0.3)
+KIND_PROBABILITIES = (0.45, 0.2, 0.35)
 MIN_IMAGE_SIZE = 32
 # Bounds on the manipulated fraction of one image; the mean is about 0.12 by construction.
 MIN_TAMPERED_FRACTION = 0.03
@@ -141,15 +145,16 @@ def _sample_camera(rng: np.random.Generator) -> _Camera:
 def _contrasting_camera(rng: np.random.Generator, host: _Camera) -> _Camera:
   """A camera whose traces clearly differ from `host`'s.
 
-  Either much noisier (x4-8) or much cleaner (/4-8, usually blurred), and a JPEG quality 12-25
-  apart. The contrast is large on purpose: after JPEG, a noise ratio of 2-3 is too faint for a
-  tiny CNN to pick up in a few hundred steps, and colour-based predictors cannot see it anyway.
+  Mostly (70%) a much noisier one (sigma 10-22, at least 3x the host's), otherwise a much
+  cleaner, usually blurred one; and a JPEG quality 12-25 apart. The contrast is large on
+  purpose: a plain CNN learns to see strong added noise within a few hundred steps, while
+  subtler noise differences, or missing noise, take it far longer (a high-pass front end would
+  see them, but the default models do not have one). Colour-based predictors see none of it.
   """
-  factor = float(np.exp(rng.uniform(np.log(4.0), np.log(8.0))))
-  if rng.random() < 0.5:
-    sigma, blur = min(24.0, host.noise_sigma * factor), 0.0
+  if rng.random() < 0.85:
+    sigma, blur = max(10.0, 3.0 * host.noise_sigma) * rng.uniform(1.0, 1.5), 0.0
   else:
-    sigma = host.noise_sigma / factor
+    sigma = host.noise_sigma / rng.uniform(4.0, 8.0)
     blur = rng.uniform(0.7, 1.3) if rng.random() < 0.7 else 0.0
   step = int(rng.integers(12, 26))
   # For a host quality in [80, 95] at least one direction is always in [50, 99].
@@ -411,18 +416,20 @@ def _local_edit(rng: np.random.Generator, image: np.ndarray, camera: _Camera,
                 alphas: list[np.ndarray]) -> np.ndarray:
   out = image
   for alpha in alphas:
-    operation = rng.integers(4)
+    # Added noise and heavy re-compression (traces that add high frequencies) are the most
+    # common, as they are the quickest for a small model to learn (see _contrasting_camera).
+    operation = rng.choice(4, p=(0.45, 0.25, 0.15, 0.15))
     if operation == 0:
-      edited = cv2.GaussianBlur(image, (0, 0), rng.uniform(1.5, 3.0))
-    elif operation == 1:
-      # At least twice the camera's own noise, so the region is clearly noisier than the rest.
-      sigma = max(8.0, 3.0 * camera.noise_sigma) * rng.uniform(1.0, 1.5)
+      # At least 3x the camera's own noise, so the region is clearly noisier than the rest.
+      sigma = max(10.0, 3.0 * camera.noise_sigma) * rng.uniform(1.0, 1.5)
       edited = _to_uint8(image + _gaussian(rng, image.shape) * np.float32(sigma))
+    elif operation == 1:
+      # Far below the camera's 80-95, so the region shows coarse 8x8 blocking.
+      edited = _jpeg(image, int(rng.integers(5, 21)))
     elif operation == 2:
-      edited = cv2.medianBlur(image, 3 if rng.random() < 0.6 else 5)
+      edited = cv2.GaussianBlur(image, (0, 0), rng.uniform(1.5, 3.0))
     else:
-      # Far below the 70-95 of the camera, so the region shows coarser blocking.
-      edited = _jpeg(image, int(rng.integers(5, 26)))
+      edited = cv2.medianBlur(image, 3 if rng.random() < 0.6 else 5)
     out = _blend(out, edited, alpha)
   return out
 

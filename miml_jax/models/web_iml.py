@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from miml_jax.errors import UserInputError
 from miml_jax.models import apsc_net
 from miml_jax.models import convnext
+from miml_jax.models import noise
 
 Array = jax.Array
 Dtype = Any
@@ -96,6 +97,9 @@ class WebIML(nn.Module):
   head: apsc_net.APSCHeadConfig = apsc_net.APSCHeadConfig()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # 'srm': the stem also sees the SRM residuals of each input channel (3 per channel).
+  noise_view: str = 'none'
+  noise_view_gain: float = 10.0
 
   @classmethod
   def from_config(cls, model_config: Mapping[str, Any]) -> 'WebIML':
@@ -103,13 +107,23 @@ class WebIML(nn.Module):
     cfg = as_dict(model_config)
     return cls(backbone=BackboneConfig.from_dict(as_dict(cfg.get('backbone'))),
                head=apsc_net.APSCHeadConfig.from_dict(as_dict(cfg.get('head'))),
-               dtype=resolve_dtype(cfg.get('dtype', 'float32')))
+               dtype=resolve_dtype(cfg.get('dtype', 'float32')),
+               noise_view=cfg.get('noise_view', 'none'),
+               noise_view_gain=float(cfg.get('noise_view_gain', 10.0)))
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Dict[str, Any]:
-    apsc_net.check_image_input(x, self.backbone.in_chans)
     bb = self.backbone
-    feats = convnext.ConvNeXt(dims=bb.dims, depths=bb.depths, in_chans=bb.in_chans,
+    apsc_net.check_image_input(x, bb.in_chans)
+    if self.noise_view == 'srm':
+      # Our addition (not in APSC-Net): the SRM residuals of every input channel as extra stem
+      # channels, scaled so that camera-level noise (a few grey levels, ~0.05 after ImageNet
+      # normalisation) reaches the stem near unit scale.
+      x = jnp.concatenate(
+          [x, (noise.srm_residuals(x) * self.noise_view_gain).astype(x.dtype)], axis=-1)
+    elif self.noise_view != 'none':
+      raise UserInputError(f"model.noise_view: {self.noise_view!r} is not 'none' or 'srm'")
+    feats = convnext.ConvNeXt(dims=bb.dims, depths=bb.depths, in_chans=x.shape[-1],
                               drop_path_rate=bb.drop_path_rate,
                               layer_scale_init_value=bb.layer_scale_init_value,
                               dtype=self.dtype, param_dtype=self.param_dtype,

@@ -1,0 +1,41 @@
+"""Fixed noise-residual filters: the three SRM high-pass kernels (BASELINES.md, ManTraNet).
+
+Manipulations rarely change colours; they change local noise, compression and resampling
+statistics. The SRM kernels (a 3x3 second-order, the 5x5 "KV" and a 1-D second-order filter),
+each applied to R, G and B, expose those statistics as 9 residual channels. ManTraNet uses them
+in its first layer; Web-IML can take them as an extra input view (`model.noise_view='srm'`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_K1 = np.zeros((5, 5), np.float32)
+_K1[1:4, 1:4] = np.array([[-1, 2, -1], [2, -4, 2], [-1, 2, -1]], np.float32) / 4.0
+_K2 = np.array([[-1, 2, -2, 2, -1], [2, -6, 8, -6, 2], [-2, 8, -12, 8, -2], [2, -6, 8, -6, 2],
+                [-1, 2, -2, 2, -1]], np.float32) / 12.0
+_K3 = np.zeros((5, 5), np.float32)
+_K3[2, 1:4] = np.array([1, -2, 1], np.float32) / 2.0
+SRM_KERNELS = np.stack([_K1, _K2, _K3])  # (3, 5, 5)
+
+
+def srm_residuals(x: jax.Array) -> jax.Array:
+  """(B, H, W, 3) -> (B, H, W, 9): kernel k on channel c is output channel 3 * k + c.
+
+  Reflect padding keeps the borders free of artificial edges; computed in float32.
+  """
+  channels = x.shape[-1]
+  kernel = np.zeros((5, 5, 1, 3 * channels), np.float32)
+  for k in range(3):
+    for c in range(channels):
+      kernel[:, :, 0, 3 * k + c] = SRM_KERNELS[k]
+  # Depthwise: every input channel gets all three kernels (feature_group_count = channels);
+  # group c produces outputs [3c, 3c + 3), so reorder them to kernel-major afterwards.
+  grouped = np.concatenate([kernel[..., [3 * k + c for k in range(3)]] for c in range(channels)],
+                           axis=-1)
+  padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
+  out = jax.lax.conv_general_dilated(
+      padded, jnp.asarray(grouped), (1, 1), "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+  order = [c * 3 + k for k in range(3) for c in range(channels)]
+  return out[..., order]
