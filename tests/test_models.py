@@ -545,3 +545,15 @@ def test_web_iml_noise_view_widens_only_the_stem():
     bad = _tiny_config()
     bad.noise_view = 'dct'
     jax.eval_shape(lambda: models.build_model(bad).init({'params': _key(0)}, x, train=False))
+
+
+def test_srm_energy_is_a_local_noise_level():
+  from miml_jax.models import noise
+  rng = np.random.default_rng(0)
+  x = np.full((1, 32, 32, 3), 0.5, np.float32)
+  x[:, :, 16:] += rng.normal(0, 0.2, (1, 32, 16, 3)).astype(np.float32)  # noisy right half
+  energy = np.asarray(noise.srm_energy(jnp.asarray(x)))
+  assert energy.shape == (1, 32, 32, 9)
+  # Flat left half: log(eps); noisy right half: far above it, in every channel.
+  np.testing.assert_allclose(energy[0, 4:28, 2:12], np.log(1e-3), atol=1e-4)
+  assert (energy[0, 4:28, 20:30] > np.log(1e-3) + 2).all()

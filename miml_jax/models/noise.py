@@ -39,3 +39,17 @@ def srm_residuals(x: jax.Array) -> jax.Array:
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
   order = [c * 3 + k for k in range(3) for c in range(channels)]
   return out[..., order]
+
+
+def srm_energy(x: jax.Array, window: int = 5, eps: float = 1e-3) -> jax.Array:
+  """Local noise level: log of the mean squared SRM residual over a window, per channel.
+
+  Unlike the raw residuals (whose sign and phase are random), the energy is a smooth positive
+  map that a strided, LayerNorm-ed stem can read directly.
+  """
+  energy = srm_residuals(x) ** 2
+  pad = window // 2
+  padded = jnp.pad(energy, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+  summed = jax.lax.reduce_window(padded, 0.0, jax.lax.add, (1, window, window, 1),
+                                 (1, 1, 1, 1), "VALID")
+  return jnp.log(summed / (window * window) + eps)

@@ -115,14 +115,18 @@ class WebIML(nn.Module):
   def __call__(self, x: Array, train: bool) -> Dict[str, Any]:
     bb = self.backbone
     apsc_net.check_image_input(x, bb.in_chans)
-    if self.noise_view == 'srm':
+    if self.noise_view == 'srm_energy':
+      # The local energy of those residuals (log scale), which survives the stem's LayerNorm.
+      x = jnp.concatenate([x, noise.srm_energy(x).astype(x.dtype)], axis=-1)
+    elif self.noise_view == 'srm':
       # Our addition (not in APSC-Net): the SRM residuals of every input channel as extra stem
       # channels, scaled so that camera-level noise (a few grey levels, ~0.05 after ImageNet
       # normalisation) reaches the stem near unit scale.
       x = jnp.concatenate(
           [x, (noise.srm_residuals(x) * self.noise_view_gain).astype(x.dtype)], axis=-1)
     elif self.noise_view != 'none':
-      raise UserInputError(f"model.noise_view: {self.noise_view!r} is not 'none' or 'srm'")
+      raise UserInputError(f"model.noise_view: {self.noise_view!r} is not 'none', 'srm' or "
+                           "'srm_energy'")
     feats = convnext.ConvNeXt(dims=bb.dims, depths=bb.depths, in_chans=x.shape[-1],
                               drop_path_rate=bb.drop_path_rate,
                               layer_scale_init_value=bb.layer_scale_init_value,
