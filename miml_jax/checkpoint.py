@@ -48,9 +48,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
   def save(self, step: int, model_vars, train_vars, data_iter, config, force: bool = False):
     import grain
     self._manager.save(

@@ -92,7 +92,3 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
 
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
-
-
-def from_json(text: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(text))
