@@ -395,7 +395,7 @@ def _copy_move(rng: np.random.Generator, image: np.ndarray,
         break
     if rng.random() < 0.85:
       # Rescaled and rotated: interpolation smooths the copied noise (a resampling trace). The
-      # scale stays 10% or more away from 1, or the trace is too faint to learn quickly.
+      # scale stays 20% or more away from 1, or the trace is too faint to learn quickly.
       scale = rng.uniform(1.25, 1.6) if rng.random() < 0.5 else rng.uniform(0.6, 0.8)
       angle = np.deg2rad(rng.uniform(-25.0, 25.0))
       linear = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / scale
