@@ -20,22 +20,17 @@ SRM_KERNELS = np.stack([_K1, _K2, _K3])  # (3, 5, 5)
 
 
 def srm_residuals(x: jax.Array) -> jax.Array:
-  """(B, H, W, 3) -> (B, H, W, 9): kernel k on channel c is output channel 3 * k + c.
+  """(B, H, W, C) -> (B, H, W, 3C): kernel k on channel c is output channel C * k + c.
 
   Reflect padding keeps the borders free of artificial edges; computed in float32.
   """
   channels = x.shape[-1]
-  kernel = np.zeros((5, 5, 1, 3 * channels), np.float32)
-  for k in range(3):
-    for c in range(channels):
-      kernel[:, :, 0, 3 * k + c] = SRM_KERNELS[k]
-  # Depthwise: every input channel gets all three kernels (feature_group_count = channels);
-  # group c produces outputs [3c, 3c + 3), so reorder them to kernel-major afterwards.
-  grouped = np.concatenate([kernel[..., [3 * k + c for k in range(3)]] for c in range(channels)],
-                           axis=-1)
+  # Depthwise conv (feature_group_count = channels): group c owns outputs [3c, 3c + 3), one per
+  # kernel; the outputs are reordered kernel-major below.
+  kernel = np.tile(SRM_KERNELS.transpose(1, 2, 0), (1, 1, channels))[:, :, None, :]
   padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
   out = jax.lax.conv_general_dilated(
-      padded, jnp.asarray(grouped), (1, 1), "VALID",
+      padded, jnp.asarray(kernel), (1, 1), "VALID",
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
   order = [c * 3 + k for k in range(3) for c in range(channels)]
   return out[..., order]
