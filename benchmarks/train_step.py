@@ -32,6 +32,9 @@ def measure(config, batch_size: int, steps: int) -> dict:
   train_vars = {"opt_state": optimizer.init(model_vars["params"]),
                 "step": jnp.zeros([], jnp.int32), "rng": jax.random.PRNGKey(1),
                 "nan_skips": jnp.zeros([], jnp.int32)}
+  # Committed to the mesh like the trainer's state: arrays without it trace to a different
+  # type, and the second step would compile again.
+  model_vars, train_vars = jax.device_put((model_vars, train_vars), NamedSharding(mesh, P()))
   step_fn = train.make_train_step(model, optimizer, config, mesh)
   size = config.input.augment.crop_size
   rng = np.random.default_rng(0)

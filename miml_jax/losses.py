@@ -42,13 +42,30 @@ def ohem_cross_entropy(logits, labels, thresh: float = 0.7, min_kept: int = 100_
   return jnp.where(num_valid > 0, (ce * keep).sum() / jnp.maximum(keep.sum(), 1), 0.0)
 
 
+def dice_loss(logits, labels, smooth: float = 1.0):
+  """1 - soft Dice of the class-1 (tampered) probability, pooled over the batch's valid pixels.
+
+  Pooling over the batch rather than per image keeps it defined on authentic images (empty
+  masks), which per-image Dice is not. Unlike CE, Dice does not let a rare positive class be
+  ignored: predicting all-authentic scores the maximum loss.
+  """
+  valid = labels != IGNORE_LABEL
+  prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1] * valid
+  target = (labels == 1).astype(jnp.float32)
+  intersection = jnp.sum(prob * target)
+  return 1.0 - (2.0 * intersection + smooth) / (jnp.sum(prob) + jnp.sum(target) + smooth)
+
+
 def segmentation_loss(outputs: dict, labels: jnp.ndarray, config) -> tuple[jnp.ndarray, dict]:
   """Weighted sum of the loss on the final logits and on each auxiliary output.
 
   Logits (at 1/4 resolution) are upsampled to the label size first, as mmseg does.
   config: loss.name ('ohem' | 'ce'), loss.weights (final first, then aux in order; the official
-  recipe weighs every output by 0.5), loss.ohem_thresh, loss.ohem_min_kept.
+  recipe weighs every output by 0.5), loss.ohem_thresh, loss.ohem_min_kept, and optionally
+  loss.dice_weight (default 0, the official recipe): each output's term becomes
+  CE + dice_weight * Dice.
   """
+  dice_weight = config.get("dice_weight", 0.0)
   size = labels.shape[1:3]
   all_logits = [outputs["logits"], *outputs.get("aux", ())]
   weights = list(config.weights)
@@ -64,6 +81,8 @@ def segmentation_loss(outputs: dict, labels: jnp.ndarray, config) -> tuple[jnp.n
       value = cross_entropy(logits, labels)
     else:
       raise ValueError(f"loss.name: unknown loss '{config.name}' (ohem, ce)")
+    if dice_weight:
+      value = value + dice_weight * dice_loss(logits, labels)
     terms["loss_final" if i == 0 else f"loss_aux{i - 1}"] = value
     total = total + weight * value
   return total, terms

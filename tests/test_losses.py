@@ -66,3 +66,46 @@ def test_deep_supervision_weights_and_upsampling():
   np.testing.assert_allclose(float(total),
                              float(terms["loss_final"]) + 0.25 * float(terms["loss_aux0"]),
                              rtol=1e-6)
+
+
+def dice_reference(logits, labels, smooth=1.0):
+  prob = _softmax(logits.astype(np.float64))[..., 1]
+  valid = labels != IGNORE_LABEL
+  target = (labels == 1)
+  p, t = prob[valid], target[valid]
+  return 1.0 - (2.0 * np.sum(p * t) + smooth) / (p.sum() + t.sum() + smooth)
+
+
+def test_dice_matches_reference_and_punishes_all_authentic():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 6, 5, 2)).astype(np.float32) * 2
+  labels = rng.integers(0, 2, size=(2, 6, 5)).astype(np.uint8)
+  labels[1, :2] = IGNORE_LABEL
+  np.testing.assert_allclose(float(losses.dice_loss(logits, labels)),
+                             dice_reference(logits, labels), rtol=1e-5)
+  # Confidently all-authentic on a 10%-positive mask: CE is small, Dice is (almost) 1.
+  labels = np.zeros((1, 10, 10), np.uint8)
+  labels[0, :1] = 1
+  confident_zero = np.zeros((1, 10, 10, 2), np.float32)
+  confident_zero[..., 0] = 8.0
+  assert float(losses.cross_entropy(confident_zero, labels)) < 1.0
+  assert float(losses.dice_loss(confident_zero, labels)) > 0.9
+  perfect = np.where(labels[..., None] == 1, [-8.0, 8.0], [8.0, -8.0]).astype(np.float32)
+  assert float(losses.dice_loss(perfect, labels)) < 1e-2
+
+
+def test_dice_weight_adds_dice_to_every_output():
+  rng = np.random.default_rng(4)
+  final = rng.normal(size=(1, 4, 4, 2)).astype(np.float32)
+  aux = rng.normal(size=(1, 4, 4, 2)).astype(np.float32)
+  labels = rng.integers(0, 2, size=(1, 16, 16)).astype(np.uint8)
+  outputs = {"logits": final, "aux": (aux,)}
+  config = ml_collections.ConfigDict(dict(name="ce", weights=(1.0, 0.5), ohem_thresh=0.7,
+                                          ohem_min_kept=100, dice_weight=0.0))
+  plain, _ = losses.segmentation_loss(outputs, labels, config)
+  config.dice_weight = 2.0
+  total, _ = losses.segmentation_loss(outputs, labels, config)
+  up = lambda x: losses.resize_bilinear(x, (16, 16), align_corners=False)
+  dice = (float(losses.dice_loss(up(final), labels))
+          + 0.5 * float(losses.dice_loss(up(aux), labels)))
+  np.testing.assert_allclose(float(total), float(plain) + 2.0 * dice, rtol=1e-5)

@@ -557,3 +557,22 @@ def test_srm_energy_is_a_local_noise_level():
   # Flat left half: log(eps); noisy right half: far above it, in every channel.
   np.testing.assert_allclose(energy[0, 4:28, 2:12], np.log(1e-3), atol=1e-4)
   assert (energy[0, 4:28, 20:30] > np.log(1e-3) + 2).all()
+
+
+def test_web_iml_trace_stem_feeds_the_backbone_stem():
+  cfg = _tiny_config()
+  cfg.noise_view = 'srm'
+  cfg.trace_stem = (6, 5)
+  model = models.build_model(cfg)
+  x = jnp.zeros((1, 64, 64, 3))
+  params = jax.eval_shape(lambda: model.init({'params': _key(0), 'dropout': _key(1)}, x,
+                                             train=False))['params']
+  # RGB + 9 SRM residuals -> 6 -> 5 full-resolution channels -> the 4x4 patchify stem.
+  assert params['trace_stem_0']['kernel'].shape == (3, 3, 12, 6)
+  assert params['trace_stem_1']['kernel'].shape == (3, 3, 6, 5)
+  assert params['backbone']['downsample_layers_0_0']['kernel'].shape == (4, 4, 5, 8)
+  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+      model.init({'params': _key(0), 'dropout': _key(1)}, x, train=False), x + 0.1)
+  assert out['logits'].shape == (1, 16, 16, 2)
+  with pytest.raises(UserInputError, match="unknown key.*trace_stems"):
+    models.build_model({**_tiny_config().to_dict(), 'trace_stems': (4,)})

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from miml_jax.errors import UserInputError
 from miml_jax.models import apsc_net
 from miml_jax.models import convnext
+from miml_jax.models import layers
 from miml_jax.models import noise
 
 Array = jax.Array
@@ -100,16 +101,23 @@ class WebIML(nn.Module):
   # 'srm': the stem also sees the SRM residuals of each input channel (3 per channel).
   noise_view: str = 'none'
   noise_view_gain: float = 10.0
+  # Widths of full-resolution 3x3 conv + GELU layers before the backbone's stem; () = none.
+  trace_stem: Tuple[int, ...] = ()
 
   @classmethod
   def from_config(cls, model_config: Mapping[str, Any]) -> 'WebIML':
     """Builds from the `model` section of a config (ConfigDict or dict)."""
     cfg = as_dict(model_config)
+    known = {'name', 'dtype', 'backbone', 'head', 'noise_view', 'noise_view_gain', 'trace_stem'}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+      raise UserInputError(f'model: unknown key(s) {unknown} for web_iml; known: {sorted(known)}')
     return cls(backbone=BackboneConfig.from_dict(as_dict(cfg.get('backbone'))),
                head=apsc_net.APSCHeadConfig.from_dict(as_dict(cfg.get('head'))),
                dtype=resolve_dtype(cfg.get('dtype', 'float32')),
                noise_view=cfg.get('noise_view', 'none'),
-               noise_view_gain=float(cfg.get('noise_view_gain', 10.0)))
+               noise_view_gain=float(cfg.get('noise_view_gain', 10.0)),
+               trace_stem=tuple(int(w) for w in cfg.get('trace_stem', ())))
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Dict[str, Any]:
@@ -127,6 +135,14 @@ class WebIML(nn.Module):
     elif self.noise_view != 'none':
       raise UserInputError(f"model.noise_view: {self.noise_view!r} is not 'none', 'srm' or "
                            "'srm_energy'")
+    for i, width in enumerate(self.trace_stem):
+      # Our addition (not in APSC-Net). ConvNeXt's stem is a linear 4x4/4 conv followed by a
+      # per-position LayerNorm, which divides out how strong the local high-frequency content
+      # is -- exactly the noise level that tells a pasted or re-processed region apart. A few
+      # nonlinear full-resolution convs first let the stem's average see that energy.
+      x = layers.conv2d(width, 3, padding=1, in_features=x.shape[-1], dtype=self.dtype,
+                        param_dtype=self.param_dtype, name=f'trace_stem_{i}')(x)
+      x = nn.gelu(x, approximate=False)
     feats = convnext.ConvNeXt(dims=bb.dims, depths=bb.depths, in_chans=x.shape[-1],
                               drop_path_rate=bb.drop_path_rate,
                               layer_scale_init_value=bb.layer_scale_init_value,
