@@ -4,6 +4,7 @@
   eval     score a checkpoint on a dataset with the MIML protocol
   predict  heatmaps, overlays and binary masks for images or folders
   qes      the quality evaluation score of soft masks
+  convert  official PyTorch / safetensors / npz weights -> a miml-jax init file (--init)
 
 Every command that computes numbers prints them as one JSON object on stdout with --json
 (progress goes to stderr). Bad input ends with a one-line `error: ...` naming the file or key
@@ -57,6 +58,9 @@ def _prepare_out_dir(path: str, overwrite: bool):
 def cmd_train(args, overrides):
   from miml_jax import evaluate, train
   config = _parse_config(args.config, overrides)
+  if args.init:
+    with config.unlocked():
+      config.model_init = os.path.abspath(args.init)
   result = train.train_and_evaluate(config, args.workdir)
   _emit(args, {"workdir": os.path.abspath(args.workdir), **_json_result(result)},
         evaluate.format_table(result) + f"\nworkdir: {os.path.abspath(args.workdir)} "
@@ -70,12 +74,11 @@ def _json_result(result: dict) -> dict:
 
 # ---- eval ------------------------------------------------------------------------------------
 def cmd_eval(args, overrides):
-  from miml_jax import checkpoint, config as config_lib, evaluate
+  from miml_jax import evaluate
   from miml_jax.input import sources
   if args.out:
     _prepare_out_dir(args.out, args.overwrite)
-  config, model, variables, step = checkpoint.load_model(args.checkpoint, args.step)
-  config_lib.apply_overrides(config, overrides)
+  config, model, variables, step = _load_for_inference(args, overrides)
   with config.unlocked():
     if args.threshold == "image_head":
       config.eval.threshold_policy = "image_head"
@@ -89,7 +92,7 @@ def cmd_eval(args, overrides):
                                seed=config.data.seed)
   result = evaluate.evaluate(model, variables, config, source, out_dir=args.out,
                              limit=args.limit)
-  result.update(checkpoint=os.path.abspath(args.checkpoint), step=step, data=data)
+  result.update(checkpoint=_weights_name(args), step=step, data=data)
   if args.out:
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
       json.dump(result, f, indent=2, default=float)
@@ -99,7 +102,38 @@ def cmd_eval(args, overrides):
       writer.writerows(result["per_image"])
   _emit(args, {"checkpoint": result["checkpoint"], "step": step, "data": data,
                **_json_result(result)},
-        f"{data} @ step {step}\n" + evaluate.format_table(result))
+        f"{data} @ {'step ' + str(step) if step is not None else result['checkpoint']}\n"
+        + evaluate.format_table(result))
+
+
+def _load_for_inference(args, overrides):
+  """(config, model, variables, step) from --checkpoint W, or from --init FILE --config CFG."""
+  from miml_jax import checkpoint, config as config_lib, models
+  if args.checkpoint:
+    if args.init or args.config:
+      raise UserInputError("--checkpoint brings its own config: give --checkpoint, or --init "
+                           "with --config")
+    config, model, variables, step = checkpoint.load_model(args.checkpoint, args.step)
+    config_lib.apply_overrides(config, overrides)
+    return config, model, variables, step
+  if not args.init or not args.config:
+    raise UserInputError("give --checkpoint WORKDIR, or --init FILE with --config CFG")
+  config = _parse_config(args.config, overrides)
+  model = models.build_model(config.model)
+  return config, model, models.load(model, config, args.init)[0], None
+
+
+def _weights_name(args) -> str:
+  return os.path.abspath(args.checkpoint or args.init)
+
+
+def _add_weights_args(sub):
+  sub.add_argument("--checkpoint", help="a training workdir")
+  sub.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+  sub.add_argument("--init", help="instead of --checkpoint: an init file from `miml-jax convert`"
+                   " (needs --config)")
+  sub.add_argument("--config", help="with --init: experiments/NAME.py[:arg] for the model and "
+                   "eval settings")
 
 
 def _float_arg(flag: str, text: str) -> float:
@@ -111,10 +145,9 @@ def _float_arg(flag: str, text: str) -> float:
 
 # ---- predict ---------------------------------------------------------------------------------
 def cmd_predict(args, overrides):
-  from miml_jax import checkpoint, config as config_lib, predict
+  from miml_jax import predict
   paths = predict.expand_inputs(args.inputs)
-  config, model, variables, _ = checkpoint.load_model(args.checkpoint, args.step)
-  config_lib.apply_overrides(config, overrides)
+  config, model, variables, _ = _load_for_inference(args, overrides)
   if not args.overwrite:
     predict.refuse_overwrite(args.out, [os.path.splitext(os.path.basename(p))[0] for p in paths])
   predictor = predict.Predictor(model, variables, config, batch_size=1, resize=args.resize)
@@ -147,6 +180,34 @@ def cmd_qes(args, overrides):
                   for r in records))
 
 
+# ---- convert ---------------------------------------------------------------------------------
+def cmd_convert(args, overrides):
+  import jax
+  import ml_collections
+  from miml_jax import models
+  from miml_jax.models import convert
+  if os.path.exists(args.out) and not args.overwrite:
+    raise UserInputError(f"{args.out}: exists; choose another --out or pass --overwrite")
+  if args.config:
+    config = _parse_config(args.config, overrides)
+  elif args.model:
+    config = ml_collections.ConfigDict({"model": {"name": args.model}})
+  else:
+    raise UserInputError("give --config CFG (its model section) or --model NAME")
+  model = models.build_model(config.model)
+  target = models.abstract_variables(model, config)
+  state_dict = convert.read_state_dict(args.source)
+  variables, report = convert.state_dict_to_variables(state_dict, target, strict=not args.partial,
+                                                      source=args.source)
+  convert.save_init_file(args.out, variables, config.model, source=os.path.abspath(args.source),
+                         report=report)
+  total = len(jax.tree_util.tree_leaves(target))
+  _emit(args, {"out": os.path.abspath(args.out), "model": config.model.name,
+               "target_tensors": total, **report.to_dict()},
+        f"{args.source} -> {args.out} ({config.model.name}): {report.summary()}; "
+        f"{report.converted} of the model's {total} tensors")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="miml-jax", description=__doc__.split("\n\n")[0],
@@ -171,14 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
               "config field with --config.a.b=value.")
   train.add_argument("--config", required=True, help="experiments/NAME.py[:arg]")
   train.add_argument("--workdir", required=True, help="output directory (resumed if it exists)")
+  train.add_argument("--init", help="start from an init file of `miml-jax convert` (tensors "
+                     "it lacks keep their fresh init; ignored when resuming)")
 
   ev = add("eval", "score a checkpoint on a dataset (MIML protocol)",
            "Scores a checkpoint on tampered images: per-image IoU / P / R / F1 (and means),\n"
            "pooled versions, pixel AUC, next to the all-zero and all-one predictors.\nPrints "
            "a table (or JSON). With --out DIR also writes metrics.json, per_image.csv and\n"
            "predictions.png there (DIR must be new or empty unless --overwrite).")
-  ev.add_argument("--checkpoint", required=True, help="a training workdir")
-  ev.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+  _add_weights_args(ev)
   ev.add_argument("--data", help="data source: synthetic | folder:/path (MIML layout imgs/ "
                   "masks/); default: the config's validation source")
   ev.add_argument("--threshold", help="a number, or image_head (clamp(1 - p, 0.3, 0.7))")
@@ -194,8 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
            "\nimage-level score (if the model has an image head) and optionally QES.\nExisting "
            "files are never overwritten unless --overwrite.")
   pr.add_argument("inputs", nargs="+", help="image files or folders")
-  pr.add_argument("--checkpoint", required=True, help="a training workdir")
-  pr.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+  _add_weights_args(pr)
   pr.add_argument("--out", default="predictions", help="output directory (default predictions)")
   pr.add_argument("--threshold", type=float, default=0.5, help="binarisation threshold")
   pr.add_argument("--resize", choices=("none", "miml"), default="none")
@@ -209,6 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
   qs.add_argument("masks", nargs="+", help="soft-mask image files")
   qs.add_argument("--keep-threshold", type=float, default=0.5,
                   help="keep a mask iff QES > this (default 0.5)")
+
+  cv = add("convert", "official weights -> a miml-jax init file",
+           "Reads a PyTorch .pth/.pt/.bin (needs torch), .safetensors or .npz state_dict, maps "
+           "every\ntensor onto the model's flax tree (torch key names, with DDP 'module.' and "
+           "mmseg\n'backbone.' / 'decode_head.' prefixes aligned automatically) and writes an "
+           "init file\n(msgpack: weights, model config, provenance) for train / eval / predict "
+           "--init.\nStrict by default: unmapped, missing or mis-shaped tensors are an error "
+           "listing them.")
+  cv.add_argument("source", help="the weights file")
+  cv.add_argument("--out", required=True, help="the init file to write (.msgpack)")
+  cv.add_argument("--config", help="experiments/NAME.py[:arg] whose model section is the target")
+  cv.add_argument("--model", choices=("apsc_net", "web_iml"),
+                  help="instead of --config: this model with its default (official) settings")
+  cv.add_argument("--partial", action="store_true",
+                  help="convert what matches, report the rest (e.g. an ImageNet backbone "
+                  "into a segmentor); the result can only initialise training")
+  cv.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   return parser
 
 
@@ -226,7 +304,8 @@ def _enable_compilation_cache():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "qes": cmd_qes}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "qes": cmd_qes,
+            "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

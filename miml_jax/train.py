@@ -185,6 +185,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   if resume_step is None:
     model_vars, train_vars = jax.jit(init_state, out_shardings=replicated)(init_rng)
+    if config.get("model_init"):
+      # Converted official weights (miml-jax convert); tensors the file lacks keep their init.
+      loaded, missing = models.load(model, config, config.model_init, partial=True,
+                                    init_variables=jax.device_get(model_vars))
+      model_vars = jax.device_put(loaded, replicated)
+      total = len(jax.tree_util.tree_leaves(loaded))
+      log(f"initialised {total - len(missing)} of {total} tensors from {config.model_init}")
   else:
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),

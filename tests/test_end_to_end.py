@@ -127,6 +127,46 @@ def test_predict_cli(trained, tmp_path, capsys):
   assert (out_dir / "a_heatmap.png").read_bytes() == before
 
 
+def test_official_weights_convert_then_eval_predict_train(trained, tmp_path, capsys):
+  """The trained weights, written as an official-style PyTorch checkpoint (torch key names,
+  DDP prefix), go through `convert` and score exactly as the checkpoint does via `--init`."""
+  from miml_jax.models import convert
+  torch = pytest.importorskip("torch")
+  state_dict = convert.variables_to_state_dict(_params(trained, 4))
+  pth = tmp_path / "official.pth"
+  torch.save({"state_dict": {"module." + k: torch.from_numpy(np.array(v))
+                             for k, v in state_dict.items()}}, str(pth))
+  init = tmp_path / "init.msgpack"
+  code, out, _ = run(capsys, "convert", str(pth), "--config", QUICKSTART, *TINY,
+                     "--out", str(init), "--json")
+  assert code == 0
+  report = json.loads(out)
+  assert report["converted"] == report["target_tensors"] and report["unmapped"] == []
+  code, _, err = run(capsys, "convert", str(pth), "--config", QUICKSTART, *TINY,
+                     "--out", str(init))
+  assert code == 2 and "init.msgpack: exists" in err
+
+  code, out, _ = run(capsys, "eval", "--init", str(init), "--config", QUICKSTART, *TINY, "--json")
+  assert code == 0
+  from_init = json.loads(out)["summary"]
+  code, out, _ = run(capsys, "eval", "--checkpoint", str(trained), "--json")
+  assert from_init == pytest.approx(json.loads(out)["summary"], rel=1e-6, abs=1e-9)
+
+  image = tmp_path / "in.png"
+  io.write_image(str(image), np.full((40, 40, 3), 128, np.uint8))
+  code, out, _ = run(capsys, "predict", str(image), "--init", str(init), "--config", QUICKSTART,
+                     *TINY, "--out", str(tmp_path / "p"), "--json")
+  assert code == 0 and json.loads(out)["predictions"][0]["height"] == 40
+  code, _, err = run(capsys, "predict", str(image), "--init", str(init), "--out",
+                     str(tmp_path / "q"))
+  assert code == 2 and "--config" in err
+
+  code, _, err = train(capsys, tmp_path / "w", 1, "--init", str(init))
+  assert code == 0
+  n = report["target_tensors"]
+  assert f"initialised {n} of {n} tensors from {init}" in err
+
+
 def test_nan_policy(trained, tmp_path, capsys):
   # A NaN learning rate makes every update non-finite: 'stop' ends the run with exit code 3,
   # 'skip' trains on without applying any of them (weights stay at their initial values).

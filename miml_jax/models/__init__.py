@@ -80,6 +80,31 @@ def abstract_variables(model: nn.Module, config) -> Dict[str, Any]:
   return jax.eval_shape(lambda r: init_variables(model, config, r), jax.random.PRNGKey(0))
 
 
+def load(model: nn.Module, config, path: str, *, init_variables=None,
+         partial: bool = False) -> tuple:
+  """(variables, missing) of `model` from an init file (`miml-jax convert`'s output).
+
+  variables are numpy arrays; missing lists the leaves the file lacks (empty unless partial).
+
+  With init_variables (a full tree, e.g. freshly initialised) and partial=True, leaves the file
+  lacks keep their initial values (fine-tuning from a backbone-only checkpoint); otherwise the
+  file must hold every leaf. The file must be for the same model (name) and every leaf it holds
+  must exist in the model with the same shape; errors name the file and the leaf.
+  """
+  from miml_jax.models import convert
+  loaded, metadata = convert.load_init_file(path)
+  convert.check_same_model(path, metadata, config.model)
+  if init_variables is None:
+    init_variables = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype),
+                                            abstract_variables(model, config))
+  merged, missing = convert.merge_variables(init_variables, loaded, source=path)
+  if missing and not partial:
+    raise UserInputError(f'{path}: lacks {len(missing)} of the model\'s tensors (e.g. '
+                         f"{', '.join(missing[:3])}); it was converted with --partial, so it "
+                         'can initialise training (train --init) but not be evaluated alone')
+  return merged, missing
+
+
 def count_params(variables: Mapping[str, Any]) -> int:
   """Number of scalars in the `params` collection (arrays or eval_shape structs)."""
   params = variables.get('params', variables)
@@ -89,5 +114,5 @@ def count_params(variables: Mapping[str, Any]) -> int:
 __all__ = [
     'APSCHead', 'APSCHeadConfig', 'APSCNet', 'BackboneConfig', 'CONVNEXT_PRESETS', 'ConvNeXt',
     'MODELS', 'WebIML', 'abstract_variables', 'apsc_net', 'build_model', 'count_params',
-    'init_variables', 'web_iml',
+    'init_variables', 'load', 'web_iml',
 ]

@@ -18,7 +18,9 @@ is a norm. `torch_key_to_flax_path` takes the set of norm-module paths (derive i
 initialised flax tree with `norm_module_paths`: exactly the modules with a `scale` param) and
 otherwise falls back on the module-name heuristic `is_norm_module`, which covers the models here.
 The inverse direction is unambiguous. The inverse also assumes torch attribute names never end in
-'_<digits>' (true of every model here, and checked by the tests' round trip).
+'_<digits>', except the few listed in `TORCH_NAMES_WITH_DIGIT_SUFFIX` (VAN's `proj_1` / `proj_2`),
+which are kept whole; no model here has a module named like their prefix (`proj`) with such an
+index. Leaf names (VAN's `layer_scale_1`) are never split. The tests' round trips check this.
 """
 
 import re
@@ -41,6 +43,12 @@ _NORM_NAME = re.compile(r'^(bn|ln|gn|norm\d*|.*_norm)$')
 # ConvNeXt's LayerNorms inside nn.Sequential: the stem's index 1, the downsamplers' index 0.
 _CONVNEXT_SEQ_NORM = re.compile(r'^downsample_layers_(0_1|[1-9]\d*_0)$')
 _NUMERIC_SUFFIX = re.compile(r'^(.*?)((?:_\d+)+)$')
+_INDEX_GROUPS = re.compile(r'^\d+(?:_\d+)*$')
+
+# Torch module attribute names that themselves end in '_<digits>' (VAN's SpatialAttention
+# `proj_1` / `proj_2`). The inverse mapping keeps them whole; index groups after them still split
+# (`proj_1_0` -> `proj_1.0`). Parameter leaves (`layer_scale_1`) never need listing.
+TORCH_NAMES_WITH_DIGIT_SUFFIX = ('proj_1', 'proj_2')
 
 
 def is_norm_module(module_path: FlaxPath) -> bool:
@@ -66,6 +74,13 @@ def flax_module_path_to_torch(path: FlaxPath) -> Tuple[str, ...]:
   """Splits trailing '_<digits>' groups of each flax name back into torch index components."""
   out = []
   for name in path:
+    known = _known_digit_suffix_name(name)
+    if known is not None:
+      out.append(known)
+      rest = name[len(known) + 1:]
+      if rest:
+        out.extend(rest.split('_'))
+      continue
     m = _NUMERIC_SUFFIX.match(name)
     if m and m.group(1):
       out.append(m.group(1))
@@ -73,6 +88,15 @@ def flax_module_path_to_torch(path: FlaxPath) -> Tuple[str, ...]:
     else:
       out.append(name)
   return tuple(out)
+
+
+def _known_digit_suffix_name(name: str) -> Optional[str]:
+  """The listed torch name `name` starts with (followed by nothing or by index groups), or None."""
+  for known in sorted(TORCH_NAMES_WITH_DIGIT_SUFFIX, key=len, reverse=True):
+    if name == known or (name.startswith(known + '_') and
+                         _INDEX_GROUPS.match(name[len(known) + 1:])):
+      return known
+  return None
 
 
 def torch_key_to_flax_path(

@@ -1,4 +1,5 @@
-"""UPerNet pyramid pieces used by the APSC-Net head: PPM, bottleneck and the top-down fusion.
+"""UPerNet: mmseg's `UPerHead`, and its pyramid pieces that the APSC-Net head reuses (PPM,
+bottleneck, top-down fusion).
 
 Two top-down fusions are provided, selected by the head's `fusion` switch:
 
@@ -19,9 +20,11 @@ name with '_'). Call them from inside the head's `nn.compact` method.
 
 from typing import Any, List, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from miml_jax.models import deeplab
 from miml_jax.models import layers
 
 Array = jax.Array
@@ -98,3 +101,40 @@ def sum_fusion(laterals: Sequence[Array]) -> List[Array]:
     laterals[i - 1] = laterals[i - 1] + layers.resize_bilinear(
         laterals[i], laterals[i - 1].shape[1:3], align_corners=False)
   return laterals
+
+
+class UPerHead(nn.Module):
+  """mmseg's UPerHead (the decode head of the FAIR UPerNet-ConvNeXt ADE20k checkpoints).
+
+  Laterals `lateral_convs_{i}` (1x1 ConvModule) on all levels but the last; PPM + `bottleneck`
+  on the last; top-down sum; `fpn_convs_{i}` (3x3) on all but the last; every level resized to
+  level 0's size (align_corners=False) and concatenated; `fpn_bottleneck` (3x3); Dropout2d and
+  the 1x1 classifier `conv_seg`. Returns logits at level 0's resolution (stride 4).
+  Keys: `decode_head.lateral_convs.0.conv.weight` -> `lateral_convs_0/conv/kernel`, etc.
+  """
+  channels: int = 512
+  pool_scales: Sequence[int] = (1, 2, 3, 6)
+  num_classes: int = 150
+  dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Sequence[Array], train: bool) -> Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    inputs = [t.astype(self.dtype) for t in inputs]
+    n = len(inputs)
+    laterals = [layers.ConvModule(self.channels, 1, name=f'lateral_convs_{i}', **kw)(
+        inputs[i], train) for i in range(n - 1)]
+    laterals.append(psp_forward(inputs[-1], self.pool_scales, self.channels, train, **kw))
+    laterals = sum_fusion(laterals)
+    outs = [layers.ConvModule(self.channels, 3, padding=1, name=f'fpn_convs_{i}', **kw)(
+        laterals[i], train) for i in range(n - 1)] + [laterals[-1]]
+    size = outs[0].shape[1:3]
+    fused = jnp.concatenate(
+        [outs[0]] + [layers.resize_bilinear(o, size, align_corners=False) for o in outs[1:]],
+        axis=-1)
+    fused = layers.ConvModule(self.channels, 3, padding=1, name='fpn_bottleneck', **kw)(
+        fused, train)
+    return deeplab.cls_seg(fused, self.num_classes, self.dropout, train, **kw).astype(
+        jnp.float32)

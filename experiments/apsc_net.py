@@ -1,0 +1,63 @@
+"""APSC-Net, the MIML paper's (CVPR 2024) model and training recipe (METHODS.md section 5).
+
+Score the official weights (APSC-Net.pth, 578 tensors) after converting them:
+
+    miml-jax convert APSC-Net.pth --config experiments/apsc_net.py --out apsc_net.msgpack
+    miml-jax eval --init apsc_net.msgpack --config experiments/apsc_net.py \
+        --data folder:/data/CASIA1 --resize miml --threshold image_head
+
+Train it (the paper: 8 GPUs x 2 images; here `input.batch_size` is the global batch), starting
+from the FAIR UPerNet-ConvNeXt-B ADE20k checkpoint (backbone and the UPerHead layers APSC-Net
+shares; the 150-class classifier and APSC-Net's own layers keep their fresh init):
+
+    miml-jax convert upernet_convnext_base_ade20k.pth --config experiments/apsc_net.py \
+        --partial --out ade20k_init.msgpack
+    miml-jax train --config experiments/apsc_net.py --workdir W --init ade20k_init.msgpack \
+        --config.data.train=folder:/data/MIML_Part1 --config.data.validation=folder:/data/CASIA1
+
+Expected: the paper reports APSC-Net's per-benchmark IoU (e.g. CASIAv1); no official weights or
+benchmark data are available on the machines this project is developed on, so that number has
+not been reproduced here yet. The paper's data mix (tampCOCO, MIML SPG/SDG, COCO + Object
+Jitter, CASIAv2 with repeat factors) comes with the TFDS builders; until then `data.train` is
+one source.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  steps = ml_collections.FieldReference(160_000)
+
+  c.data = dict(train="synthetic", validation="synthetic", image_size=512, seed=0)
+  c.input = dict(
+      batch_size=16, num_workers=8,
+      # Each side resized to [512, 768] independently, crop 512, flips, rot90, JPEG 50-100
+      # (p 0.9), RGB shift +-20 (p 0.3); MIML soft masks: < 8 pristine, > 192 tampered.
+      augment=dict(crop_size=512, resize_range=(1.0, 1.5), hflip=0.5, vflip=0.5, rot90=0.5,
+                   jpeg_prob=0.9, jpeg_quality=(50, 100), rgb_shift_prob=0.3, rgb_shift=20,
+                   mask_low=8, mask_high=192))
+
+  # ConvNeXt-B (drop path 0.4) + the official head (512 channels, 3 self-correction passes,
+  # 31x31 dynamic kernels, image head): the parameter tree of APSC-Net.pth.
+  c.model = dict(name="apsc_net", dtype="float32",
+                 backbone=dict(name="convnext", in_chans=3, drop_path_rate=0.4))
+
+  # OHEM CE on the final output and the 3 aux outputs, each x 0.5.
+  c.loss = dict(name="ohem", weights=(0.5, 0.5, 0.5, 0.5), ohem_thresh=0.7,
+                ohem_min_kept=100_000, dice_weight=0.0, image_weight=1.0)
+
+  # AdamW 1e-4, stage-wise LR decay 0.9, linear warm-up 1500 steps (ratio 1e-6) onto poly(1).
+  c.optim = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
+                 layer_decay=0.9, layer_decay_num_layers=12, schedule="poly", power=1.0,
+                 min_lr=1e-6, warmup_steps=1500, warmup_ratio=1e-6, total_steps=steps,
+                 grad_clip_norm=0.0, accumulate_steps=1)
+
+  c.train = dict(steps=steps, log_every=50, checkpoint_every=4000, eval_every=16_000,
+                 keep_checkpoints=3, nan_policy="stop")
+
+  c.eval = dict(batch_size=8, threshold_policy="image_head", threshold=0.5, resize="miml",
+                num_pictures=8)
+  return c
