@@ -57,6 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  min_lr=1e-6, warmup_steps=50, warmup_ratio=1e-6, total_steps=steps,
                  grad_clip_norm=0.0, accumulate_steps=1)
 
+  # Devices as a ('data', 'fsdp') mesh (sharding.py): pure data parallelism by default; set
+  # fsdp > 1 to shard parameters and optimiser state of >= fsdp_min_size elements.
+  c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**18)
+
   c.train = dict(steps=steps, log_every=25, checkpoint_every=100, eval_every=100,
                  keep_checkpoints=2, nan_policy="stop")
 

@@ -16,10 +16,9 @@ import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from miml_jax import io
+from miml_jax import sharding
 from miml_jax import visualize
 from miml_jax.errors import UserInputError
 from miml_jax.input import pipeline
@@ -61,9 +60,12 @@ class Predictor:
                     if image_logits is not None else jnp.full(images.shape[:1], jnp.nan))
       return delta, image_prob
 
+    if mesh is not None:
+      # Inference replicates the weights (gathering FSDP shards once) and splits the batch.
+      self.variables = jax.device_put(variables, sharding.replicated(mesh))
     if mesh is not None and batch_size % mesh.size == 0:
-      self._infer = jax.jit(infer, in_shardings=(NamedSharding(mesh, P()),
-                                                 NamedSharding(mesh, P("data"))))
+      self._infer = jax.jit(infer, in_shardings=(sharding.replicated(mesh),
+                                                 sharding.batch_sharding(mesh)))
     else:
       self._infer = jax.jit(infer)
 

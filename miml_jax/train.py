@@ -4,10 +4,12 @@
 
 Sections: workdir and config -> mesh -> data -> model and optimiser -> restore or init ->
 compiled step -> loop (progress, checkpoints, periodic evaluation) -> final evaluation and
-pictures. Runs unchanged on one CPU, N local devices (the batch is split over a 'data' mesh
-axis; BatchNorm statistics are global because jit sees the whole batch), and several processes.
+pictures. Runs unchanged on one CPU, N local devices and several processes: the batch is split
+over a ('data', 'fsdp') mesh, large parameters and their optimiser state are sharded along
+'fsdp' (sharding.py), and BatchNorm statistics are global because jit sees the whole batch.
 """
 
+import functools
 import json
 import os
 import sys
@@ -16,16 +18,14 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from miml_jax import checkpoint as ckpt_lib
 from miml_jax import evaluate
 from miml_jax import losses
 from miml_jax import models
 from miml_jax import optim
+from miml_jax import sharding
 from miml_jax import visualize
 from miml_jax.config import to_json
 from miml_jax.errors import UserInputError
@@ -71,8 +71,22 @@ def _diff_keys(a, b, prefix=""):
       yield prefix + key
 
 
-def make_train_step(model, optimizer, config, mesh):
-  """The compiled training step: (model_vars, train_vars, batch) -> (model_vars, train_vars, m)."""
+def init_state(model, optimizer, config, rng):
+  """A fresh (model_vars, train_vars) pair: the state the training step carries."""
+  model_vars = models.init_variables(model, config, rng)
+  train_vars = {"opt_state": optimizer.init(model_vars["params"]),
+                "step": jnp.zeros([], jnp.int32),
+                # A raw uint32 key, so it checkpoints as a plain array.
+                "rng": jax.random.fold_in(rng, 1), "nan_skips": jnp.zeros([], jnp.int32)}
+  return model_vars, train_vars
+
+
+def make_train_step(model, optimizer, config, mesh, state_shardings=None):
+  """The compiled training step: (model_vars, train_vars, batch) -> (model_vars, train_vars, m).
+
+  state_shardings: (model_vars, train_vars) shardings (sharding.tree_shardings); default
+  replicated. The step donates the state, so its input and output shardings are the same.
+  """
   compute_dtype = jnp.dtype(config.model.get("dtype", "float32"))
 
   def loss_fn(params, batch_stats, images, labels, rng):
@@ -119,11 +133,11 @@ def make_train_step(model, optimizer, config, mesh):
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, **terms}
     return new_model, new_train, metrics
 
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
+  replicated = sharding.replicated(mesh)
+  model_sh, train_sh = state_shardings or (replicated, replicated)
   return jax.jit(step_fn, donate_argnums=(0, 1),
-                 in_shardings=(replicated, replicated, batch_sharding),
-                 out_shardings=(replicated, replicated, replicated))
+                 in_shardings=(model_sh, train_sh, sharding.batch_sharding(mesh)),
+                 out_shardings=(model_sh, train_sh, replicated))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -137,15 +151,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f.write(to_json(config))
 
   # ---- Mesh ------------------------------------------------------------------------------
-  devices = np.array(jax.devices())
-  mesh = jax.sharding.Mesh(devices, ("data",))
+  mesh = sharding.make_mesh(config)
+  devices = mesh.devices.reshape(-1)
   global_batch = config.input.batch_size
   if global_batch % len(devices):
     raise UserInputError(
         f"--config.input.batch_size={global_batch}: must be divisible by the {len(devices)} "
         f"devices")
   local_batch = global_batch // jax.process_count()
-  batch_sharding = NamedSharding(mesh, P("data"))
+  batch_sharding = sharding.batch_sharding(mesh)
 
   # ---- Data ------------------------------------------------------------------------------
   train_source = sources.make_source(
@@ -165,40 +179,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---- Model and optimiser ---------------------------------------------------------------
   model = models.build_model(config.model)
   init_rng = jax.random.PRNGKey(config.seed)
-  replicated = NamedSharding(mesh, P())
-
-  def init_state(rng):
-    model_vars = models.init_variables(model, config, rng)
-    train_vars = {"opt_state": optimizer.init(model_vars["params"]),
-                  "step": jnp.zeros([], jnp.int32),
-                  # A raw uint32 key, so it checkpoints as a plain array.
-                  "rng": jax.random.fold_in(rng, 1), "nan_skips": jnp.zeros([], jnp.int32)}
-    return model_vars, train_vars
 
   abstract_params = models.abstract_variables(model, config)["params"]
   optimizer = optim.make_optimizer(config.optim, abstract_params)
   log(f"model {config.model.name}: {models.count_params(abstract_params) / 1e6:.2f} M "
-      f"parameters; {len(devices)} device(s) {devices[0].platform}, "
-      f"{jax.process_count()} process(es), global batch {global_batch}")
+      f"parameters; {len(devices)} device(s) {devices[0].platform} as mesh "
+      f"{dict(mesh.shape)}, {jax.process_count()} process(es), global batch {global_batch}")
+  init_fn = functools.partial(init_state, model, optimizer, config)
+  abstract_state = jax.eval_shape(init_fn, init_rng)
+  state_shardings = sharding.tree_shardings(abstract_state, mesh, config)
 
   # ---- Restore or start ------------------------------------------------------------------
   checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   if resume_step is None:
-    model_vars, train_vars = jax.jit(init_state, out_shardings=replicated)(init_rng)
+    model_vars, train_vars = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
     if config.get("model_init"):
       # Converted official weights (miml-jax convert); tensors the file lacks keep their init.
       loaded, missing = models.load(model, config, config.model_init, partial=True,
                                     init_variables=jax.device_get(model_vars))
-      model_vars = jax.device_put(loaded, replicated)
+      model_vars = jax.device_put(loaded, state_shardings[0])
       total = len(jax.tree_util.tree_leaves(loaded))
       log(f"initialised {total - len(missing)} of {total} tensors from {config.model_init}")
   else:
     abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        jax.eval_shape(init_state, init_rng))
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+        state_shardings)
     model_vars, train_vars = checkpointer.restore_training(resume_step, *abstract, train_iter)
     log(f"resumed from {checkpointer.directory}/{resume_step}")
-  step_fn = make_train_step(model, optimizer, config, mesh)
+  step_fn = make_train_step(model, optimizer, config, mesh, state_shardings)
   log("compiling the training step (first step) ...")
 
   # ---- Loop ------------------------------------------------------------------------------
