@@ -5,8 +5,8 @@
 
 Prints a table (mesh, batch size, compile seconds, steps/s, images/s) and writes it as JSON.
 The mesh comes from the config (`--config.mesh.fsdp=4`); simulate N CPU devices with
-XLA_FLAGS=--xla_force_host_platform_device_count=N. Random
-uint8 images and labels stand in for data, so the numbers are the model + optimiser alone.
+XLA_FLAGS=--xla_force_host_platform_device_count=N. Random uint8 images and labels stand in for
+data, so the numbers are the model + optimiser alone.
 """
 
 import argparse

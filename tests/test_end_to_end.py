@@ -76,6 +76,23 @@ def test_resume_is_exact(trained, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_resume_onto_another_mesh(trained, tmp_path, capsys):
+  """A checkpoint written with pure data parallelism (mesh data=2) resumes with its weights
+  and optimiser state sharded (data=1, fsdp=2) and reaches the same step-4 weights, up to the
+  order of cross-device sums."""
+  import shutil
+  import jax
+  workdir = tmp_path / "w"
+  shutil.copytree(trained, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  code, _, err = train(capsys, workdir, 4, "--config.mesh.data=1", "--config.mesh.fsdp=2",
+                       "--config.mesh.fsdp_min_size=256")
+  assert code == 0 and "resumed from" in err and "'fsdp': 2" in err
+  resumed, straight = _params(workdir, 4), _params(trained, 4)
+  for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(straight)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+
+
 def test_eval_cli(trained, tmp_path, capsys):
   code, out, _ = run(capsys, "eval", "--checkpoint", str(trained), "--json",
                      "--out", str(tmp_path / "e"))

@@ -68,10 +68,9 @@ for _ in range(2):
   labels = (rng.random((8, 64, 64)) < 0.2).astype(np.uint8)
   batches.append({"image": rng.integers(0, 256, (8, 64, 64, 3), np.uint8), "label": labels})
 results = {}
+# Both axes at once: the batch split 8 ways, the weights 4 ways (each compile costs ~1 min here).
 for name, devices, mesh_cfg in (("1 device", 1, dict(data=1, fsdp=1)),
-                                ("data 8", 8, dict(data=8, fsdp=1)),
-                                ("data 2 x fsdp 4", 8, dict(data=2, fsdp=4)),
-                                ("fsdp 8", 8, dict(data=1, fsdp=8))):
+                                ("data 2 x fsdp 4", 8, dict(data=2, fsdp=4))):
   config.mesh.update(mesh_cfg)
   mesh = sharding.make_mesh(config, jax.devices()[:devices])
   optimizer = optim.make_optimizer(config.optim,
@@ -121,6 +120,4 @@ def test_data_parallel_and_fsdp_steps_match_one_device(tmp_path):
     # of the learning rate on weights whose gradients are near zero.
     np.testing.assert_allclose(result["losses"], reference["losses"], rtol=2e-5, err_msg=name)
     np.testing.assert_allclose(params[name], params["1 device"], atol=1e-4, err_msg=name)
-  assert results["data 8"]["sharded_leaves"] == 0
   assert results["data 2 x fsdp 4"]["sharded_leaves"] > 0
-  assert results["fsdp 8"]["sharded_leaves"] > 0
