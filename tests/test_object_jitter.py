@@ -355,3 +355,40 @@ def test_real_coco_images(shared_data):
     assert out["mask"].shape == (256, 256) and out["mask"].dtype == np.uint8
     assert set(np.unique(out["mask"])) <= {0, 255}
   assert sum(bool(out["mask"].any()) for out in outputs) >= 2
+
+
+def test_coco_data_source_feeds_the_training_pipeline(tmp_path):
+  """`data.train=coco:PATH`: Object Jitter forgeries, deterministic per (seed, index)."""
+  from miml_jax.input import pipeline, sources, transforms
+  (tmp_path / "images").mkdir()
+  (tmp_path / "annotations").mkdir()
+  images, annotations = [], []
+  for k in range(2):
+    io.write_image(str(tmp_path / "images" / f"{k}.png"), noise_image(80, 96, seed=k))
+    images.append({"id": k, "file_name": f"{k}.png", "height": 80, "width": 96,
+                   "split": "train2017"})
+    x, y = 20 + 10 * k, 15
+    annotations.append({"id": 10 + k, "image_id": k, "iscrowd": 0,
+                        "segmentation": [[x, y, x + 40, y, x + 40, y + 36, x, y + 36]]})
+  (tmp_path / "annotations" / "instances.json").write_text(
+      json.dumps({"images": images, "annotations": annotations}))
+  source = sources.make_source(f"coco:{tmp_path}", "train", image_size=64, seed=3)
+  assert len(source) == 2
+  item = source[1]
+  assert item["image"].shape == (64, 64, 3) and item["mask"].shape == (64, 64)
+  assert item["id"] == "1.png" and item["mask"].any()
+  again = sources.make_source(f"coco:{tmp_path}", "train", image_size=64, seed=3)[1]
+  assert again["image"].tobytes() == item["image"].tobytes()
+  other = sources.make_source(f"coco:{tmp_path}", "train", image_size=64, seed=4)[1]
+  assert other["image"].tobytes() != item["image"].tobytes()
+  augment = transforms.AugmentConfig.from_config(
+      {"crop_size": 64, "resize_range": (1.0, 1.0), "hflip": 0.5, "vflip": 0.0, "rot90": 0.0,
+       "jpeg_prob": 0.0, "jpeg_quality": (70, 100), "rgb_shift_prob": 0.0, "rgb_shift": 0,
+       "mask_low": 8, "mask_high": 192})
+  batch = next(iter(pipeline.train_dataset(source, batch_size=2, augment=augment, seed=0)))
+  assert batch["image"].shape == (2, 64, 64, 3) and batch["label"].shape == (2, 64, 64)
+  assert set(np.unique(batch["label"])) <= {0, 1}
+  with pytest.raises(UserInputError, match="coco:/path"):
+    sources.make_source("coco:", "train")
+  with pytest.raises(UserInputError, match="coco:PATH"):
+    sources.make_source("cocoa:x", "train")

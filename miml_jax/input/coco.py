@@ -281,3 +281,30 @@ class ObjectJitterTransform(grain.transforms.RandomMap):
         return {"image": result[0], "mask": result[1]}
     self.fallback_count += 1
     return {"image": crop, "mask": np.zeros((size, size), np.uint8)}
+
+
+class ObjectJitterSource:
+  """The `coco:PATH` data source: COCO images made into forgeries by Object Jitter.
+
+  Item i is image i of `coco` after `ObjectJitterTransform` with an rng drawn from
+  (seed, split, i): deterministic per (seed, index) as METHODS.md asks, and the same in every
+  process. Like the synthetic set, an index always gives the same forgery; the trainer's own
+  augmentation (flips, rot90, JPEG, RGB shift) still varies from epoch to epoch.
+  Items follow the source contract of `miml_jax.input.sources`.
+  """
+
+  def __init__(self, coco: CocoInstances, crop_size: int, seed: int, split_id: int,
+               config: ObjectJitterConfig = ObjectJitterConfig()):
+    self.coco = coco
+    self.transform = ObjectJitterTransform(crop_size, config=config)
+    self.seed, self.split_id = int(seed), int(split_id)
+
+  def __len__(self) -> int:
+    return len(self.coco)
+
+  def __getitem__(self, index: int) -> dict:
+    element = self.coco[index]
+    rng = np.random.default_rng([self.seed, self.split_id, int(index)])
+    out = self.transform.random_map(element, rng)
+    # A new composite, held losslessly: not a JPEG file any more.
+    return {"image": out["image"], "mask": out["mask"], "id": element["name"], "is_jpeg": False}

@@ -7,6 +7,9 @@ Source strings:
   synthetic                 the embedded procedural forgery set (no download), any split
   synthetic:N               the same with N examples
   folder:/path/to/root      the MIML layout: root/imgs/<k>.<ext> with root/masks/<k>.png
+  coco:/path/to/coco        COCO images with instance masks, made into forgeries by Object
+                            Jitter (crops of data.image_size; split train -> COCO 'train',
+                            validation -> 'val'); see coco.ObjectJitterSource
 """
 
 import os
@@ -75,5 +78,13 @@ def make_source(spec: str, split: str, *, image_size: int = 128, seed: int = 0):
     if not arg:
       raise UserInputError(f"data source '{spec}': give a path, folder:/path/to/root")
     return FolderSource(os.path.expanduser(arg))
+  if kind == "coco":
+    if not arg:
+      raise UserInputError(f"data source '{spec}': give a path, coco:/path/to/coco")
+    from miml_jax.input import coco  # grain and the COCO index only when asked for.
+    instances = coco.CocoInstances(os.path.expanduser(arg),
+                                   split_name={"validation": "val"}.get(split, split))
+    return coco.ObjectJitterSource(instances, crop_size=image_size, seed=seed,
+                                   split_id=synthetic.SPLIT_IDS.get(split, 0))
   raise UserInputError(
-      f"data source '{spec}': unknown kind '{kind}' (known: synthetic, folder:PATH)")
+      f"data source '{spec}': unknown kind '{kind}' (known: synthetic, folder:PATH, coco:PATH)")
