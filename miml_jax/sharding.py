@@ -34,10 +34,15 @@ BATCH_AXES = ("data", "fsdp")
 DEFAULT_FSDP_MIN_SIZE = 2**18
 
 
+def _mesh_config(config) -> dict:
+  """The `mesh` section of a config as a dict ({} when there is none)."""
+  return dict((config.get("mesh") if config is not None else None) or {})
+
+
 def make_mesh(config, devices=None) -> Mesh:
   """The ('data', 'fsdp') mesh of `config.mesh` over `devices` (default: all devices)."""
   devices = list(jax.devices() if devices is None else devices)
-  cfg = dict(config.get("mesh", {}) or {})
+  cfg = _mesh_config(config)
   sizes = [int(cfg.get(axis, -1 if axis == "data" else 1)) for axis in AXES]
   if sizes.count(-1) > 1:
     raise UserInputError(f"mesh: at most one axis may be -1, got {dict(zip(AXES, sizes))}")
@@ -77,8 +82,7 @@ def leaf_spec(shape, fsdp_size: int, min_size: int = DEFAULT_FSDP_MIN_SIZE) -> P
 
 def tree_shardings(tree: Any, mesh: Mesh, config=None) -> Any:
   """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) by the FSDP rule."""
-  cfg = dict((config.get("mesh", {}) or {}) if config is not None else {})
-  min_size = int(cfg.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE))
+  min_size = int(_mesh_config(config).get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE))
   fsdp_size = mesh.shape["fsdp"]
   return jax.tree_util.tree_map(
       lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), fsdp_size, min_size)), tree)

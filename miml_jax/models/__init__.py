@@ -94,11 +94,11 @@ def load(model: nn.Module, config, path: str, *, init_variables=None,
   from miml_jax.models import convert
   loaded, metadata = convert.load_init_file(path)
   convert.check_same_model(path, metadata, config.model)
-  if init_variables is None:
-    init_variables = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype),
-                                            abstract_variables(model, config))
-  merged, missing = convert.merge_variables(init_variables, loaded, source=path)
-  if missing and not partial:
+  # Without init_variables the file must fill every leaf, so shapes and dtypes are all the
+  # base needs: no full tree of zeros is built only to be overwritten.
+  base = init_variables if init_variables is not None else abstract_variables(model, config)
+  merged, missing = convert.merge_variables(base, loaded, source=path)
+  if missing and (not partial or init_variables is None):
     raise UserInputError(f'{path}: lacks {len(missing)} of the model\'s tensors (e.g. '
                          f"{', '.join(missing[:3])}); it was converted with --partial, so it "
                          'can initialise training (train --init) but not be evaluated alone')

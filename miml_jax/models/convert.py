@@ -232,7 +232,8 @@ def merge_variables(base: Mapping[str, Any], loaded: Mapping[str, Any],
                     source: str = 'init weights') -> Tuple[Dict[str, Any], List[str]]:
   """(`base` with every leaf of `loaded` put in, the base leaves `loaded` lacks).
 
-  Every leaf of `loaded` must exist in `base` with the same shape; it takes base's dtype.
+  `base` holds arrays or ShapeDtypeStructs; every leaf of `loaded` must exist in it with the
+  same shape, and takes its dtype.
   """
   out, missing = {}, []
   for collection, tree in base.items():
