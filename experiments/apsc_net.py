@@ -1,5 +1,8 @@
 """APSC-Net, the MIML paper's (CVPR 2024) model and training recipe (METHODS.md section 5).
 
+The same recipe on CPU-sized inputs for a few steps (what CI runs): `--config
+experiments/apsc_net.py:tiny`.
+
 Score the official weights (APSC-Net.pth, 578 tensors) after converting them:
 
     miml-jax convert APSC-Net.pth --config experiments/apsc_net.py --out apsc_net.msgpack
@@ -26,7 +29,8 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  if arg not in (None, "", "tiny"):
+    raise ValueError(f"experiments/apsc_net.py: unknown variant {arg!r} (have: tiny)")
   c = ml_collections.ConfigDict()
   c.seed = 0
   steps = ml_collections.FieldReference(160_000)
@@ -60,8 +64,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**18)
 
   c.train = dict(steps=steps, log_every=50, checkpoint_every=4000, eval_every=16_000,
-                 keep_checkpoints=3, nan_policy="stop")
+                 keep_checkpoints=3, nan_policy="stop",
+                 # Also keep the checkpoint(s) with the best validation score ('' for none) in
+                 # <workdir>/best/; eval / predict take --checkpoint <workdir>/best.
+                 best_metric="iou", keep_best=1,
+                 # TensorBoard event files in <workdir>/tensorboard (no TensorFlow needed).
+                 tensorboard=True,
+                 # MFU's denominator: 0 looks the device up (mfu.py); set it for other chips.
+                 peak_flops_per_device=0.0)
 
   c.eval = dict(batch_size=8, threshold_policy="image_head", threshold=0.5, resize="miml",
                 num_pictures=8)
+
+  if arg == "tiny":
+    # The real APSC-Net (its layout is fixed) on 64 x 64 crops of the embedded data for a few
+    # steps: what CI runs to show the recipe trains, checkpoints and evaluates.
+    steps.set(3)
+    c.data.update(train="synthetic:8", validation="synthetic:2", image_size=64)
+    c.input.update(batch_size=2, num_workers=0)
+    c.input.augment.crop_size = 64
+    c.loss.ohem_min_kept = 1000
+    c.optim.warmup_steps = 1
+    c.train.update(log_every=1, checkpoint_every=2, eval_every=0)
+    c.eval.update(batch_size=2, resize="none", num_pictures=2)
   return c

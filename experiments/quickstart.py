@@ -62,7 +62,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=2**18)
 
   c.train = dict(steps=steps, log_every=25, checkpoint_every=100, eval_every=100,
-                 keep_checkpoints=2, nan_policy="stop")
+                 keep_checkpoints=2, nan_policy="stop",
+                 # Also keep the checkpoint(s) with the best validation score ('' for none) in
+                 # <workdir>/best/; eval / predict take --checkpoint <workdir>/best.
+                 best_metric="iou", keep_best=1,
+                 # TensorBoard event files in <workdir>/tensorboard (no TensorFlow needed).
+                 tensorboard=True,
+                 # MFU's denominator: 0 looks the device up (mfu.py); set it for other chips.
+                 peak_flops_per_device=0.0)
 
   # threshold_policy 'fixed' uses eval.threshold; 'image_head' the official clamp(1 - p, .3, .7).
   c.eval = dict(batch_size=8, threshold_policy="fixed", threshold=0.5, resize="none",

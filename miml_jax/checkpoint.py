@@ -1,11 +1,15 @@
-"""Orbax checkpoints of a training run: one directory per step under `<workdir>/checkpoints/`.
+"""Orbax checkpoints of a training run.
 
-Each step holds four items, so inference can restore the weights without the optimiser:
+Layout: `<workdir>/checkpoints/<step>/` (the latest steps, to resume) and `<workdir>/best/<step>/`
+(the best by a validation metric; weights and config only). A training checkpoint holds three
+items, so inference can restore the weights without the optimiser:
   model   {'params', 'batch_stats'}            what `eval` / `predict` load
   train   {'opt_state', 'step', 'rng', 'nan_skips'}
-  data    the grain iterator state (the exact next batch on resume)
   config  the full experiment config as JSON (the model is rebuilt from it)
-Saves are asynchronous; `close()` waits for the last one.
+The input pipeline's state is `train.step`: the pipeline is a pure function of the global batch
+index (input/pipeline.py), so a resumed run rebuilds it at that step.
+Saves are asynchronous; `close()` waits for the last one. A run killed mid-save leaves only an
+orbax temporary directory, which is neither listed nor restored.
 """
 
 import json
@@ -17,56 +21,58 @@ import orbax.checkpoint as ocp
 
 from miml_jax.errors import UserInputError
 
-CHECKPOINT_SUBDIR = "checkpoints"
+CHECKPOINT_SUBDIR = "checkpoints"  # the latest `train.keep_checkpoints` steps, for resuming
+BEST_SUBDIR = "best"  # the `train.keep_best` steps with the best `train.best_metric`: model only
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
-
-
-def _data_handler():
-  import grain  # Imported here: inference-only users need no input pipeline.
-  return grain.checkpoint.CheckpointHandler()
+def checkpoint_dir(workdir: str, subdir: str = CHECKPOINT_SUBDIR) -> str:
+  return os.path.join(os.path.abspath(workdir), subdir)
 
 
 class Checkpointer:
-  """A CheckpointManager with the four items above."""
+  """A CheckpointManager over one directory of `<step>/` checkpoints with the items above.
 
-  def __init__(self, workdir: str, max_to_keep: int | None = 3, read_only: bool = False):
-    self.directory = checkpoint_dir(workdir)
+  best_metric: keep the `max_to_keep` checkpoints with the highest value of this key of the
+  metrics passed to save() (the `best/` directory); None keeps the latest ones.
+  """
+
+  def __init__(self, directory: str, max_to_keep: int | None = 3, read_only: bool = False,
+               best_metric: str | None = None):
+    self.directory = directory
     handlers = {"model": ocp.StandardCheckpointHandler(),
                 "train": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler()}
-    if not read_only:
-      handlers["data"] = _data_handler()
+    best = {}
+    if best_metric:
+      best = dict(best_fn=lambda metrics: metrics[best_metric], best_mode="max",
+                  keep_checkpoints_without_metrics=False)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                             read_only=read_only),
+                                             read_only=read_only, **best),
         item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, model_vars, train_vars, data_iter, config, force: bool = False):
-    import grain
-    self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardSave(model_vars),
-            train=ocp.args.StandardSave(train_vars),
-            data=grain.checkpoint.CheckpointSave(data_iter),
-            config=ocp.args.JsonSave(config.to_dict())),
-        force=force)
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
 
-  def restore_training(self, step: int, abstract_model, abstract_train, data_iter):
-    import grain
+  def save(self, step: int, model_vars, config, train_vars=None, metrics: dict | None = None,
+           force: bool = False):
+    """Saves the weights and config, and the training state unless train_vars is None."""
+    items = dict(model=ocp.args.StandardSave(model_vars),
+                 config=ocp.args.JsonSave(config.to_dict()))
+    if train_vars is not None:
+      items["train"] = ocp.args.StandardSave(train_vars)
+    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+  def restore_training(self, step: int, abstract_model, abstract_train):
     restored = self._manager.restore(
         step,
         args=ocp.args.Composite(
             model=ocp.args.StandardRestore(abstract_model),
-            train=ocp.args.StandardRestore(abstract_train),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
+            train=ocp.args.StandardRestore(abstract_train)))
     return restored["model"], restored["train"]
 
   def restore_model(self, step: int, abstract_model):
@@ -83,29 +89,38 @@ class Checkpointer:
     self._manager.close()
 
 
+def _steps(directory: str) -> list[int]:
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
 def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
-  """Resolves a workdir (or its checkpoints/ folder) to (workdir, step); errors name the path."""
+  """Resolves a path to (checkpoint directory, step); errors name the path.
+
+  `path` is a training workdir (its latest checkpoints/ are used) or a directory of `<step>/`
+  checkpoints itself, such as `<workdir>/best`.
+  """
   path = os.path.abspath(path)
-  if os.path.basename(path) == CHECKPOINT_SUBDIR:
-    path = os.path.dirname(path)
   directory = checkpoint_dir(path)
   if not os.path.isdir(directory):
-    raise UserInputError(f"{path}: no checkpoint here (expected {directory}/<step>/)")
-  steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    if not (os.path.isdir(path) and _steps(path)):
+      raise UserInputError(f"{path}: no checkpoint here (expected {directory}/<step>/, or "
+                           f"<step>/ folders in {path} itself)")
+    directory = path
+  steps = _steps(directory)
   if not steps:
     raise UserInputError(f"{directory}: holds no finished checkpoint")
   if step is None:
-    return path, steps[-1]
+    return directory, steps[-1]
   if step not in steps:
     raise UserInputError(f"{directory}: no checkpoint for step {step} (have {steps})")
-  return path, step
+  return directory, step
 
 
 def load_model(path: str, step: int | None = None):
-  """Loads (config, model, variables) of a checkpoint for inference on the local devices."""
+  """Loads (config, model, variables, step) of a checkpoint for inference on the local devices."""
   from miml_jax import models  # Local import keeps this module light for the trainer's import.
-  workdir, step = find_checkpoint(path, step)
-  checkpointer = Checkpointer(workdir, max_to_keep=None, read_only=True)
+  directory, step = find_checkpoint(path, step)
+  checkpointer = Checkpointer(directory, max_to_keep=None, read_only=True)
   try:
     config = checkpointer.restore_config(step)
     model = models.build_model(config.model)
@@ -117,7 +132,7 @@ def load_model(path: str, step: int | None = None):
       variables = checkpointer.restore_model(step, abstract)
     except (ValueError, KeyError) as e:
       raise UserInputError(
-          f"{workdir}: checkpoint step {step} does not match the model in its own config "
+          f"{directory}: checkpoint step {step} does not match the model in its own config "
           f"({config.model.name}): {e}") from e
   finally:
     checkpointer.close()

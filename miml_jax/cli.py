@@ -62,9 +62,17 @@ def cmd_train(args, overrides):
     with config.unlocked():
       config.model_init = os.path.abspath(args.init)
   result = train.train_and_evaluate(config, args.workdir)
+  if not _is_main_process():
+    return
   _emit(args, {"workdir": os.path.abspath(args.workdir), **_json_result(result)},
         evaluate.format_table(result) + f"\nworkdir: {os.path.abspath(args.workdir)} "
         f"(metrics.json, predictions.png, curves.png, checkpoints/)")
+
+
+def _is_main_process() -> bool:
+  """False on every process but the first of a multi-host run: they compute, it reports."""
+  import jax
+  return jax.process_index() == 0
 
 
 def _json_result(result: dict) -> dict:
@@ -74,9 +82,10 @@ def _json_result(result: dict) -> dict:
 
 # ---- eval ------------------------------------------------------------------------------------
 def cmd_eval(args, overrides):
-  from miml_jax import evaluate
+  from miml_jax import evaluate, sharding
   from miml_jax.input import sources
-  if args.out:
+  main_process = _is_main_process()
+  if args.out and main_process:
     _prepare_out_dir(args.out, args.overwrite)
   config, model, variables, step = _load_for_inference(args, overrides)
   with config.unlocked():
@@ -90,8 +99,12 @@ def cmd_eval(args, overrides):
   data = args.data or config.data.validation
   source = sources.make_source(data, "validation", image_size=config.data.image_size,
                                seed=config.data.seed)
-  result = evaluate.evaluate(model, variables, config, source, out_dir=args.out,
-                             limit=args.limit)
+  # Every device of every process runs the model; each batch is split over them.
+  result = evaluate.evaluate(model, variables, config, source,
+                             out_dir=args.out if main_process else None, limit=args.limit,
+                             mesh=sharding.make_mesh(None))
+  if not main_process:
+    return
   result.update(checkpoint=_weights_name(args), step=step, data=data)
   if args.out:
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
@@ -134,6 +147,18 @@ def _add_weights_args(sub):
                    " (needs --config)")
   sub.add_argument("--config", help="with --init: experiments/NAME.py[:arg] for the model and "
                    "eval settings")
+
+
+def _add_multihost_args(sub):
+  group = sub.add_argument_group(
+      "multi-host", "Run as one of several processes (hosts) sharing one device mesh. Start the "
+      "same command on every host. --multihost alone lets JAX detect the cluster (TPU pod, "
+      "SLURM, Open MPI); or name it with all three of --coordinator, --num-processes, "
+      "--process-id (e.g. two processes on one machine: 127.0.0.1:12355, 2, 0 and 1).")
+  group.add_argument("--multihost", action="store_true", help="initialise jax.distributed")
+  group.add_argument("--coordinator", help="HOST:PORT of process 0 (implies --multihost)")
+  group.add_argument("--num-processes", type=int, help="number of processes")
+  group.add_argument("--process-id", type=int, help="this process's index, from 0")
 
 
 def _float_arg(flag: str, text: str) -> float:
@@ -235,12 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--init", help="start from an init file of `miml-jax convert` (tensors "
                      "it lacks keep their fresh init; ignored when resuming)")
 
+  _add_multihost_args(train)
+
   ev = add("eval", "score a checkpoint on a dataset (MIML protocol)",
            "Scores a checkpoint on tampered images: per-image IoU / P / R / F1 (and means),\n"
            "pooled versions, pixel AUC, next to the all-zero and all-one predictors.\nPrints "
            "a table (or JSON). With --out DIR also writes metrics.json, per_image.csv and\n"
            "predictions.png there (DIR must be new or empty unless --overwrite).")
   _add_weights_args(ev)
+  _add_multihost_args(ev)
   ev.add_argument("--data", help="data source: synthetic | folder:/path (MIML layout imgs/ "
                   "masks/); default: the config's validation source")
   ev.add_argument("--threshold", help="a number, or image_head (clamp(1 - p, 0.3, 0.7))")
@@ -317,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
   flags.FLAGS.mark_as_parsed()
   _enable_compilation_cache()
   try:
+    if getattr(args, "multihost", False) or getattr(args, "coordinator", None):
+      from miml_jax import sharding
+      sharding.initialize_multihost(args.coordinator, args.num_processes, args.process_id)
     COMMANDS[args.command](args, overrides)
   except UserInputError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -35,6 +35,9 @@ DEFAULT_THRESHOLD = 0.5
 DEFAULT_NUM_BINS = 10000
 
 _SCORE_KEYS = ("iou", "precision", "recall", "f1")
+# The summary values where higher is better (what `train.best_metric` may name).
+SUMMARY_SCORES = (*_SCORE_KEYS, *(f"pooled_{key}" for key in _SCORE_KEYS), "pixel_auc",
+                  "pixel_auc_pooled")
 
 
 def _confusion(xp, pred, gt, valid, count_dtype):

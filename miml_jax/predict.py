@@ -60,12 +60,18 @@ class Predictor:
                     if image_logits is not None else jnp.full(images.shape[:1], jnp.nan))
       return delta, image_prob
 
+    self._put = lambda images: images
     if mesh is not None:
-      # Inference replicates the weights (gathering FSDP shards once) and splits the batch.
-      self.variables = jax.device_put(variables, sharding.replicated(mesh))
-    if mesh is not None and batch_size % mesh.size == 0:
-      self._infer = jax.jit(infer, in_shardings=(sharding.replicated(mesh),
-                                                 sharding.batch_sharding(mesh)))
+      # Inference replicates the weights (gathering FSDP shards once) and splits each batch over
+      # every device of the mesh, all processes included: each process reads the same batches,
+      # contributes the rows of its own devices, and gets the (replicated) predictions back.
+      self.variables = sharding.replicate(variables, mesh)
+      self.batch_size = -(-batch_size // mesh.size) * mesh.size  # Rows beyond are padding.
+      rows = sharding.batch_sharding(mesh)
+      self._put = lambda images: jax.make_array_from_callback(
+          images.shape, rows, lambda index: images[index])
+      self._infer = jax.jit(infer, in_shardings=(sharding.replicated(mesh), rows),
+                            out_shardings=sharding.replicated(mesh))
     else:
       self._infer = jax.jit(infer)
 
@@ -80,7 +86,8 @@ class Predictor:
     within each padded shape."""
     prepared = _Resized(source, self._target_size)
     for batch in pipeline.eval_batches(prepared, self.batch_size, limit=limit):
-      delta, image_prob = jax.device_get(self._infer(self.variables, batch["image"]))
+      delta, image_prob = jax.device_get(
+          self._infer(self.variables, self._put(batch["image"])))
       for row, sample in enumerate(batch["samples"]):
         height, width = sample["resized_hw"]
         d = delta[row, :height, :width]

@@ -17,9 +17,13 @@ Config (the `mesh` section; defaults give pure data parallelism over every devic
   batch mean is a cross-device reduction.
 
 The same config runs on 1 CPU, N simulated devices, a GPU node or a pod: only the axis sizes
-resolve differently.
+resolve differently. Several processes (hosts) form one mesh over all their devices after
+`initialize_multihost` (`miml-jax train --multihost`); each feeds the batch rows of its own
+devices (input/pipeline.py) and process 0 alone writes logs and files.
 """
 
+import os
+import sys
 from typing import Any
 
 import jax
@@ -32,6 +36,32 @@ from miml_jax.errors import UserInputError
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 DEFAULT_FSDP_MIN_SIZE = 2**18
+
+
+def initialize_multihost(coordinator: str | None = None, num_processes: int | None = None,
+                         process_id: int | None = None):
+  """Joins this process to a multi-process JAX run; call before anything touches a device.
+
+  With no arguments JAX finds the cluster itself (TPU pods, SLURM, Open MPI, Kubernetes, or the
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables). Otherwise give all
+  three, e.g. two processes on one machine: coordinator 127.0.0.1:12355, num_processes 2,
+  process_id 0 and 1. CPU devices then talk through gloo collectives.
+  """
+  given = [coordinator, num_processes, process_id]
+  if any(v is not None for v in given) and any(v is None for v in given):
+    raise UserInputError("multi-host: give --coordinator, --num-processes and --process-id "
+                         "together (or none of them, to let JAX detect the cluster)")
+  if num_processes is not None and not 0 <= process_id < num_processes:
+    raise UserInputError(f"multi-host: --process-id {process_id} is not in [0, {num_processes})")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Gloo announces its connections on the process's stdout (file descriptor 1), which belongs
+  # to the command's `--json` output: native code's stdout now goes to stderr, and Python's
+  # sys.stdout keeps the original stream.
+  sys.stdout.flush()
+  sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
+  os.dup2(2, 1)
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
 
 
 def _mesh_config(config) -> dict:
@@ -67,6 +97,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """`tree` copied whole onto every device of the mesh (all processes).
+
+  Global arrays (sharded training state) are resharded on device; arrays living on this
+  process alone (e.g. weights a process loaded from a file) go through the host, every process
+  giving the same values.
+  """
+  target = replicated(mesh)
+
+  def put(x):
+    if jax.process_count() > 1 and isinstance(x, jax.Array) and x.is_fully_addressable:
+      x = np.asarray(x)
+    return jax.device_put(x, target)
+
+  return jax.tree_util.tree_map(put, tree)
 
 
 def leaf_spec(shape, fsdp_size: int, min_size: int = DEFAULT_FSDP_MIN_SIZE) -> P:

@@ -23,6 +23,9 @@ import optax
 from miml_jax import checkpoint as ckpt_lib
 from miml_jax import evaluate
 from miml_jax import losses
+from miml_jax import metric_writer
+from miml_jax import metrics as metrics_lib
+from miml_jax import mfu
 from miml_jax import models
 from miml_jax import optim
 from miml_jax import sharding
@@ -158,7 +161,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise UserInputError(
         f"--config.input.batch_size={global_batch}: must be divisible by the {len(devices)} "
         f"devices")
-  local_batch = global_batch // jax.process_count()
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ---- Data ------------------------------------------------------------------------------
@@ -171,10 +173,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise UserInputError(f"data.train={config.data.train}: {len(train_source)} examples, fewer "
                          f"than one batch of {global_batch}")
   augment = transforms.AugmentConfig.from_config(config.input.augment)
-  train_iter = iter(pipeline.train_dataset(
-      train_source, batch_size=local_batch, augment=augment, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_workers=config.input.num_workers))
 
   # ---- Model and optimiser ---------------------------------------------------------------
   model = models.build_model(config.model)
@@ -190,7 +188,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state_shardings = sharding.tree_shardings(abstract_state, mesh, config)
 
   # ---- Restore or start ------------------------------------------------------------------
-  checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir),
+                                       max_to_keep=config.train.keep_checkpoints)
+  best_metric = config.train.get("best_metric", "")
+  if best_metric and best_metric not in metrics_lib.SUMMARY_SCORES:
+    raise UserInputError(f"train.best_metric='{best_metric}': expected '' (keep no best "
+                         f"checkpoint) or one of {', '.join(metrics_lib.SUMMARY_SCORES)}")
+  best_checkpointer = (ckpt_lib.Checkpointer(
+      ckpt_lib.checkpoint_dir(workdir, ckpt_lib.BEST_SUBDIR),
+      max_to_keep=config.train.get("keep_best", 1), best_metric=best_metric)
+      if best_metric else None)
   if resume_step is None:
     model_vars, train_vars = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
     if config.get("model_init"):
@@ -204,22 +211,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     abstract = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
         state_shardings)
-    model_vars, train_vars = checkpointer.restore_training(resume_step, *abstract, train_iter)
+    model_vars, train_vars = checkpointer.restore_training(resume_step, *abstract)
     log(f"resumed from {checkpointer.directory}/{resume_step}")
-  step_fn = make_train_step(model, optimizer, config, mesh, state_shardings)
-  log("compiling the training step (first step) ...")
+  start = int(train_vars["step"])
+  # The pipeline is a pure function of the global batch index, so resuming is starting at it.
+  train_iter = iter(pipeline.train_dataset(
+      train_source, batch_size=global_batch, augment=augment, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(), start_step=start,
+      num_workers=config.input.num_workers))
+
+  def next_batch():
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+            for k, v in next(train_iter).items()}
+
+  # ---- Compiled step ---------------------------------------------------------------------
+  total = config.train.steps
+  batch = next_batch() if start < total else None
+  if batch is not None:
+    log("compiling the training step ...")
+    t = time.time()
+    step_fn = make_train_step(model, optimizer, config, mesh, state_shardings).lower(
+        model_vars, train_vars, batch).compile()
+    flops = mfu.compiled_flops(step_fn)
+    peak = mfu.peak_flops_per_device(devices[0], config.train.get("peak_flops_per_device", 0.0))
+    log(f"compiled in {time.time() - t:.1f}s"
+        + (f"; {flops / 1e9:.1f} GFLOP per device per step" if flops else ""))
 
   # ---- Loop ------------------------------------------------------------------------------
-  total = config.train.steps
-  start = int(train_vars["step"])
-  history_path = os.path.join(workdir, "metrics.jsonl")
+  writer = metric_writer.MetricWriter(workdir, tensorboard=config.train.get("tensorboard", True),
+                                      start_step=start)
   nan_skips = int(train_vars["nan_skips"])
   window_start, window_step = time.time(), start
   step = start
   for step in range(start + 1, total + 1):
-    local = next(train_iter)
-    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v)
-             for k, v in local.items()}
+    batch = batch if step == start + 1 else next_batch()
     model_vars, train_vars, metrics = step_fn(model_vars, train_vars, batch)
     if step % config.train.log_every == 0 or step == total:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -241,48 +266,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       rate = (step - window_step) / max(now - window_start, 1e-9)
       window_start, window_step = now, step
       eta = (total - step) / max(rate, 1e-9)
+      speed = {"steps_per_sec": rate, "images_per_sec": rate * global_batch,
+               "step_time_sec": 1 / max(rate, 1e-9)}
+      if flops:
+        speed["tflops_per_device"] = flops * rate / 1e12
+        if peak:
+          speed["mfu"] = flops * rate / peak
       log(f"step {step}/{total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
           f"grad_norm {metrics['grad_norm']:.3f}  {rate:.2f} steps/s  "
-          f"{rate * global_batch:.1f} img/s  ETA {_format_seconds(eta)}")
-      _append_jsonl(history_path, {"step": step, "steps_per_sec": rate,
-                                   "images_per_sec": rate * global_batch, **metrics,
-                                   "nan_skips": skips})
+          f"{rate * global_batch:.1f} img/s"
+          + (f"  MFU {speed['mfu']:.1%}" if "mfu" in speed else "")
+          + f"  ETA {_format_seconds(eta)}")
+      writer.write(step, {**metrics, **speed, "nan_skips": skips})
     if step % config.train.checkpoint_every == 0 or step == total:
-      checkpointer.save(step, model_vars, train_vars, train_iter, config)
+      checkpointer.save(step, model_vars, config, train_vars=train_vars)
     if config.train.eval_every and step % config.train.eval_every == 0 and step != total:
-      _evaluate(model, model_vars, config, val_source, workdir, step, history_path, mesh,
-                write_pictures=False)
+      _evaluate(model, model_vars, config, val_source, workdir, step, writer, mesh,
+                best_checkpointer, write_pictures=False)
       window_start = time.time()
   checkpointer.close()
 
   # ---- Final evaluation and pictures -----------------------------------------------------
-  result = _evaluate(model, model_vars, config, val_source, workdir, step, history_path, mesh,
-                     write_pictures=True)
+  result = _evaluate(model, model_vars, config, val_source, workdir, step, writer, mesh,
+                     best_checkpointer, write_pictures=True)
+  if best_checkpointer is not None:
+    best_checkpointer.close()
+  writer.close()
   if jax.process_index() == 0:
-    visualize.plot_history(history_path, os.path.join(workdir, "curves.png"))
+    visualize.plot_history(writer.jsonl_path, os.path.join(workdir, "curves.png"))
   return result
 
 
-def _evaluate(model, model_vars, config, source, workdir, step, history_path, mesh,
+def _evaluate(model, model_vars, config, source, workdir, step, writer, mesh, best_checkpointer,
               write_pictures):
+  """Scores the validation source on every device (all processes) and logs it; keeps the best."""
   t = time.time()
+  pictures = write_pictures and jax.process_index() == 0
   result = evaluate.evaluate(model, model_vars, config, source, mesh=mesh,
-                             out_dir=workdir if write_pictures else None)
+                             out_dir=workdir if pictures else None)
   summary = result["summary"]
   log(f"validation @ step {step}: IoU {summary['iou']:.4f}  P {summary['precision']:.4f}  "
       f"R {summary['recall']:.4f}  F1 {summary['f1']:.4f}  pixel AUC {summary['pixel_auc']:.4f}"
       f"  ({summary['num_images']} images, {time.time() - t:.1f}s)")
-  _append_jsonl(history_path, {"step": step, **{f"val_{k}": v for k, v in summary.items()}})
-  if write_pictures and jax.process_index() == 0:
+  writer.write(step, {f"val_{k}": v for k, v in summary.items()})
+  if best_checkpointer is not None and step not in best_checkpointer.all_steps():
+    metric = config.train.best_metric
+    best_checkpointer.save(step, model_vars, config, metrics={metric: float(summary[metric])})
+  if pictures:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump({"step": step, **result}, f, indent=2, default=float)
   return result
-
-
-def _append_jsonl(path, record):
-  if jax.process_index() == 0:
-    with open(path, "a") as f:
-      f.write(json.dumps(record) + "\n")
 
 
 def _format_seconds(seconds: float) -> str:

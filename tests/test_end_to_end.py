@@ -1,8 +1,15 @@
 """The main job through its public entry point, on tiny shapes: train -> checkpoint -> resume
-(exactly) -> eval -> predict, and the bad inputs a user can give each command."""
+(exactly, also after kill -9 and across process counts) -> eval -> predict, two processes
+against one, and the bad inputs a user can give each command."""
 
 import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -57,14 +64,27 @@ def test_train_writes_everything(trained):
   metrics = json.loads((trained / "metrics.json").read_text())
   assert metrics["step"] == 4 and metrics["summary"]["num_images"] == 6
   history = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]
-  assert all(np.isfinite(r["loss"]) and r["steps_per_sec"] > 0 for r in history if "loss" in r)
+  train_rows = [r for r in history if "loss" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) and r["steps_per_sec"] > 0 and r["tflops_per_device"] > 0
+             for r in train_rows)
+  assert "mfu" not in train_rows[0]  # CPU has no known peak, so no MFU is claimed.
+  # The best validation checkpoint (the only evaluation is the final one) holds weights only.
+  assert os.listdir(trained / "best") == ["4"]
+  items = set(os.listdir(trained / "best" / "4"))
+  assert {"model", "config"} <= items and "train" not in items
+  # TensorBoard reads the same scalars as metrics.jsonl.
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  events = EventAccumulator(str(trained / "tensorboard"))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+      (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in train_rows]
+  assert events.Scalars("val_iou")[0].value == pytest.approx(metrics["summary"]["iou"], rel=1e-6)
 
 
 def test_resume_is_exact(trained, tmp_path, capsys):
   """A run that died after its step-2 checkpoint resumes to the same step-4 weights, bit for bit
-  (same batches from the restored grain iterator, same RNG, same optimiser state)."""
-  import shutil
+  (the same batches from the pipeline rebuilt at step 2, same RNG, same optimiser state)."""
   workdir = tmp_path / "w"
   shutil.copytree(trained, workdir)
   shutil.rmtree(workdir / "checkpoints" / "4")
@@ -80,7 +100,6 @@ def test_resume_onto_another_mesh(trained, tmp_path, capsys):
   """A checkpoint written with pure data parallelism (mesh data=2) resumes with its weights
   and optimiser state sharded (data=1, fsdp=2) and reaches the same step-4 weights, up to the
   order of cross-device sums."""
-  import shutil
   import jax
   workdir = tmp_path / "w"
   shutil.copytree(trained, workdir)
@@ -182,6 +201,83 @@ def test_official_weights_convert_then_eval_predict_train(trained, tmp_path, cap
   assert code == 0
   n = report["target_tensors"]
   assert f"initialised {n} of {n} tensors from {init}" in err
+
+
+def _subprocess(args, devices, **popen):
+  """`miml-jax ARGS` in a fresh interpreter with `devices` simulated CPU devices."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.Popen([sys.executable, "-m", "miml_jax.cli", *map(str, args)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _assert_same_params(workdir_a, workdir_b, step):
+  import jax
+  a, b = _params(workdir_a, step), _params(workdir_b, step)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_killed_run_resumes_exactly(trained, tmp_path, capsys):
+  """kill -9 once the step-2 checkpoint is on disk (steps 3-4, a save or the final evaluation
+  are under way), then the same command again: the step-4 weights are those of a run that was
+  never stopped, bit for bit."""
+  workdir = tmp_path / "w"
+  argv = ["train", "--config", QUICKSTART, "--workdir", workdir, *TINY, "--config.train.steps=4"]
+  process = _subprocess(argv, devices=2)
+  deadline = time.time() + 300
+  while not (workdir / "checkpoints" / "2").is_dir():
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.time() < deadline, "no step-2 checkpoint after 300 s"
+    time.sleep(0.01)
+  process.send_signal(signal.SIGKILL)
+  process.communicate()
+  assert process.returncode == -signal.SIGKILL
+  assert not (workdir / "metrics.json").exists()  # It did not get to the end.
+  code, _, err = train(capsys, workdir, 4)
+  assert code == 0 and "resumed from" in err
+  _assert_same_params(workdir, trained, 4)
+  # The steps logged after the checkpoint and trained again appear once in the history.
+  history = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(trained, tmp_path, capsys):
+  """Two processes with one device each (jax.distributed on 127.0.0.1, gloo collectives) train
+  the same global batches as one process with two devices: the same weights at every checkpoint
+  and the same validation scores, bit for bit. Their checkpoint resumes in one process."""
+  workdir = tmp_path / "w"
+  port = _free_port()
+  argv = ["train", "--config", QUICKSTART, "--workdir", workdir, "--json", *TINY,
+          "--config.train.steps=4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", 2]
+  processes = [_subprocess(argv + ["--process-id", i], devices=1) for i in range(2)]
+  outputs = []
+  for process in processes:
+    try:
+      outputs.append(process.communicate(timeout=540))
+    except subprocess.TimeoutExpired:
+      for p in processes:
+        p.kill()
+      raise
+  for process, (_, err) in zip(processes, outputs):
+    assert process.returncode == 0, err[-3000:]
+  assert "2 process(es)" in outputs[0][1]
+  assert outputs[1][0] == ""  # Only process 0 reports.
+  for step in (2, 4):
+    _assert_same_params(workdir, trained, step)
+  reported = json.loads(outputs[0][0])["summary"]
+  assert reported == json.loads((trained / "metrics.json").read_text())["summary"]
+  # Written by two processes, resumed by one (two devices): the same step-4 weights again.
+  shutil.rmtree(workdir / "checkpoints" / "4")
+  code, _, err = train(capsys, workdir, 4)
+  assert code == 0 and "resumed from" in err and "1 process(es)" in err
+  _assert_same_params(workdir, trained, 4)
 
 
 def test_nan_policy(trained, tmp_path, capsys):

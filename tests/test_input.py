@@ -65,30 +65,34 @@ def _batches(it, n):
 def test_pipeline_is_deterministic_and_resumes_exactly():
   source = ArraySource(10)
   cfg = transforms.AugmentConfig(crop_size=32)
-  make = lambda: iter(pipeline.train_dataset(source, batch_size=3, augment=cfg, seed=7))
-  reference = _batches(make(), 8)
-  again = make()
-  first = _batches(again, 3)
-  state = again.get_state()
-  resumed = make()
-  resumed.set_state(state)
-  for got, want in zip(first + _batches(resumed, 5), reference):
+  make = lambda start=0: iter(pipeline.train_dataset(source, batch_size=3, augment=cfg, seed=7,
+                                                     start_step=start))
+  reference = _batches(make(), 8)  # 24 elements: past two epochs, so reshuffles are covered.
+  resumed = _batches(make(), 3) + _batches(make(start=3), 5)
+  for got, want in zip(resumed, reference):
     np.testing.assert_array_equal(got["image"], want["image"])
     np.testing.assert_array_equal(got["label"], want["label"])
   other_seed = next(iter(pipeline.train_dataset(source, batch_size=3, augment=cfg, seed=8)))
   assert not np.array_equal(other_seed["image"], reference[0]["image"])
 
 
-def test_pipeline_shards_by_process():
-  source = ArraySource(12)
-  cfg = transforms.AugmentConfig(crop_size=16, resize_range=(1.0, 1.0), hflip=0, vflip=0,
-                                 rot90=0, jpeg_prob=0, rgb_shift_prob=0)
-  per_host = [next(iter(pipeline.train_dataset(source, batch_size=6, augment=cfg, seed=0,
-                                               process_index=i, process_count=2)))
-              for i in range(2)]
-  # Host 0 sees only even source indices, host 1 only odd ones: no image appears on both.
-  crops = lambda b: {img.tobytes() for img in b["image"]}
-  assert not crops(per_host[0]) & crops(per_host[1])
+@pytest.mark.parametrize("processes", [2, 3])
+def test_global_batches_do_not_depend_on_the_process_count(processes):
+  """P processes (resumed or not) together see exactly the global batches one process sees:
+  process p's rows are rows [p*B/P, (p+1)*B/P) of each."""
+  source = ArraySource(7)
+  cfg = transforms.AugmentConfig(crop_size=32)
+  one = _batches(iter(pipeline.train_dataset(source, batch_size=6, augment=cfg, seed=1)), 5)
+  hosts = [iter(pipeline.train_dataset(source, batch_size=6, augment=cfg, seed=1,
+                                       process_index=p, process_count=processes, start_step=2))
+           for p in range(processes)]
+  for want in one[2:]:
+    parts = [next(h) for h in hosts]
+    assert all(len(part["image"]) == 6 // processes for part in parts)
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), want[key])
+  with pytest.raises(ValueError, match="does not split over 4 processes"):
+    pipeline.train_dataset(source, batch_size=6, augment=cfg, seed=1, process_count=4)
 
 
 def test_eval_batches_pad_group_and_fill():

@@ -89,6 +89,32 @@ for name, devices, mesh_cfg in (("1 device", 1, dict(data=1, fsdp=1)),
   leaves = [np.asarray(x).ravel() for x in jax.tree_util.tree_leaves(jax.device_get(model_vars))]
   np.save(sys.argv[0] + name.replace(" ", "_") + ".npy", np.concatenate(leaves))
   results[name] = {"losses": losses, "sharded_leaves": int(sharded)}
+
+# The 8-device FSDP state, checkpointed, restores onto 4 devices and onto 1.
+from miml_jax import checkpoint as ckpt_lib
+directory = sys.argv[0] + "_checkpoints"
+saver = ckpt_lib.Checkpointer(directory)
+saver.save(2, model_vars, config, train_vars=train_vars)
+saver.close()
+saved = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get((model_vars, train_vars)))]
+abstract = jax.eval_shape(lambda key: train.init_state(model, optimizer, config, key),
+                          jax.random.PRNGKey(0))
+for name, devices, mesh_cfg in (("restored on 4 devices", 4, dict(data=2, fsdp=2)),
+                                ("restored on 1 device", 1, dict(data=1, fsdp=1))):
+  config.mesh.update(mesh_cfg)
+  mesh = sharding.make_mesh(config, jax.devices()[:devices])
+  shardings = sharding.tree_shardings(abstract, mesh, config)
+  target = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  reader = ckpt_lib.Checkpointer(directory, read_only=True)
+  state = reader.restore_training(2, *target)
+  reader.close()
+  leaves = jax.tree_util.tree_leaves(state)
+  results[name] = {
+      "equal": all(np.array_equal(np.asarray(x), y) for x, y in zip(leaves, saved, strict=True)),
+      "on_target_shardings": all(x.sharding == s for x, s in
+                                 zip(leaves, jax.tree_util.tree_leaves(shardings), strict=True)),
+      "devices": len({d for x in leaves for d in x.sharding.device_set})}
 print(json.dumps(results))
 """
 
@@ -100,7 +126,9 @@ TINY = [
 ]
 
 
-def test_data_parallel_and_fsdp_steps_match_one_device(tmp_path):
+def test_data_parallel_and_fsdp_steps_match_one_device_and_restore_anywhere(tmp_path):
+  """On 8 simulated devices: FSDP and data-parallel steps match one device; the 8-device
+  checkpoint restores, value for value, onto 4 devices and onto 1."""
   script = tmp_path / "steps.py"
   script.write_text(_SHARDED_STEPS)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
@@ -110,6 +138,10 @@ def test_data_parallel_and_fsdp_steps_match_one_device(tmp_path):
       capture_output=True, text=True, env=env, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads(done.stdout.strip().splitlines()[-1])
+  assert results.pop("restored on 4 devices") == {"equal": True, "on_target_shardings": True,
+                                                  "devices": 4}
+  assert results.pop("restored on 1 device") == {"equal": True, "on_target_shardings": True,
+                                                 "devices": 1}
   reference = results.pop("1 device")
   assert reference["sharded_leaves"] == 0
   params = {name: np.load(str(script) + name.replace(" ", "_") + ".npy")

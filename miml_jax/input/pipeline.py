@@ -1,9 +1,18 @@
 """The grain training pipeline and the evaluation batcher.
 
-Training: random access source -> per-host shard -> shuffle -> repeat -> per-sample random
-augmentation (deterministic per (seed, index)) -> batch -> optional multiprocess prefetch. The
-iterator's state is checkpointed with the model, so a resumed run sees exactly the batches an
-uninterrupted run would have.
+Training: random access source -> shuffle (a new permutation each epoch) -> repeat -> per-sample
+random augmentation (deterministic per (seed, global index)) -> batch -> this process's share ->
+optional multiprocess prefetch. Every stage is index-addressable, so the stream is a pure function
+of (seed, global index):
+
+* Global batch g is elements [g*B, (g+1)*B) of that stream, whatever the number of processes:
+  the stream is cut into local batches of B/P and process p takes local batches g*P + p. Its
+  rows land on its own devices, in process order, when the trainer assembles the global array
+  (jax.make_array_from_process_local_data). Sharding the source per host before shuffling, the
+  usual recipe, would make the data depend on the host count.
+* The iterator's state is the step: a run resumed at step s starts at global batch s and sees
+  exactly the batches an uninterrupted run would have, on any number of processes or workers
+  (grain's own per-process iterator state could only be restored on the same process count).
 
 Evaluation: every image at its own size, padded to a multiple of 32 (never resized or cropped),
 grouped into fixed-size batches per padded shape so each shape compiles once.
@@ -29,13 +38,20 @@ class _TrainTransform(grain.transforms.RandomMap):
 
 
 def train_dataset(source, *, batch_size: int, augment: transforms.AugmentConfig, seed: int,
-                  process_index: int = 0, process_count: int = 1,
+                  process_index: int = 0, process_count: int = 1, start_step: int = 0,
                   num_workers: int = 0) -> grain.IterDataset:
-  """Per-host batches of {'image': uint8 (B, S, S, 3), 'label': uint8 (B, S, S)} forever."""
+  """This process's rows of global batches start_step, start_step + 1, ... forever.
+
+  batch_size is the global batch B; each element is {'image': uint8 (B/P, S, S, 3),
+  'label': uint8 (B/P, S, S)} for P processes.
+  """
+  if batch_size % process_count:
+    raise ValueError(f"global batch {batch_size} does not split over {process_count} processes")
   dataset = grain.MapDataset.source(source).seed(seed)
-  dataset = dataset[process_index::process_count]
   dataset = dataset.shuffle().repeat(None).random_map(_TrainTransform(augment))
-  dataset = dataset.batch(batch_size, drop_remainder=True).to_iter_dataset()
+  dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
+  dataset = dataset[start_step * process_count + process_index::process_count]
+  dataset = dataset.to_iter_dataset()
   if num_workers > 0:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return dataset
