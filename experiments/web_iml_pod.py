@@ -20,7 +20,7 @@ Choices (each a config field):
   the usual rule for Adam at this scale; warm-up 1500 steps, then poly(1) to 1e-6 as in APSC-Net.
 * 48k steps = 50 epochs of MIMLv2's 246,212 images.
 * Gradients clipped at global norm 1.0: a guard for bf16 at a large batch (APSC-Net used none).
-* Pure data parallelism: a ConvNeXt-B Web-IML (~140 M parameters, ~2 GB with Adam's moments)
+* Pure data parallelism: a ConvNeXt-B Web-IML (143 M parameters, 1.7 GB with Adam's moments)
   fits every accelerator, and FSDP's gathers would only cost time. For ConvNeXt-L or memory-tight
   chips set --config.mesh.fsdp=4 (or 8).
 """

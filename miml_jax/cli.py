@@ -151,10 +151,10 @@ def _add_weights_args(sub):
 
 def _add_multihost_args(sub):
   group = sub.add_argument_group(
-      "multi-host", "Run as one of several processes (hosts) sharing one device mesh. Start the "
-      "same command on every host. --multihost alone lets JAX detect the cluster (TPU pod, "
-      "SLURM, Open MPI); or name it with all three of --coordinator, --num-processes, "
-      "--process-id (e.g. two processes on one machine: 127.0.0.1:12355, 2, 0 and 1).")
+      "multi-host", "Run as one of several processes (hosts) sharing one device mesh: start "
+      "the same command\non every host. --multihost alone lets JAX detect the cluster (TPU "
+      "pod, SLURM, Open MPI);\nor name it with all three of --coordinator, --num-processes "
+      "and --process-id\n(two processes on one machine: 127.0.0.1:12355, 2, then 0 and 1).")
   group.add_argument("--multihost", action="store_true", help="initialise jax.distributed")
   group.add_argument("--coordinator", help="HOST:PORT of process 0 (implies --multihost)")
   group.add_argument("--num-processes", type=int, help="number of processes")
@@ -250,11 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
   train = add("train", "train a model from an experiment config",
               "Trains the model an experiment config describes, showing progress (steps/s, "
               "ETA) on stderr.\nWrites into --workdir: config.json, checkpoints/<step>/ (orbax: "
-              "weights, optimiser,\ndata-iterator state, config), metrics.jsonl (training "
-              "scalars and validation results),\nmetrics.json (final validation metrics), "
-              "predictions.png (heatmap contact sheet), curves.png.\nA workdir with checkpoints "
-              "of the same model resumes; one of another model is refused.\nOverride any "
-              "config field with --config.a.b=value.")
+              "weights, optimiser,\nstep, RNG, config), best/<step>/ (best validated weights), "
+              "metrics.jsonl and tensorboard/\n(training scalars and validation results), "
+              "metrics.json (final validation metrics),\npredictions.png (heatmap contact "
+              "sheet), curves.png.\nA workdir with checkpoints of the same model resumes exactly "
+              "(also after kill -9); one of\nanother model is refused. Override any config field "
+              "with --config.a.b=value.")
   train.add_argument("--config", required=True, help="experiments/NAME.py[:arg]")
   train.add_argument("--workdir", required=True, help="output directory (resumed if it exists)")
   train.add_argument("--init", help="start from an init file of `miml-jax convert` (tensors "

@@ -30,7 +30,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     raise UserInputError(f"{path}: cannot load config: {type(e).__name__}: {e}") from e
   if not hasattr(module, "get_config"):
     raise UserInputError(f"{path}: defines no get_config()")
-  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception as e:  # e.g. an unknown variant after ':'
+    raise UserInputError(f"{spec}: get_config failed: {type(e).__name__}: {e}") from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise UserInputError(f"{path}: get_config() must return an ml_collections.ConfigDict")
   return config

@@ -38,15 +38,24 @@ def threshold_name(eval_cfg) -> str:
           else "image_head")
 
 
+def make_predictor(model, variables, config, mesh=None) -> Predictor:
+  """The Predictor `evaluate` uses: the config's eval batch size and test-time resize rule."""
+  return Predictor(model, variables, config, batch_size=config.eval.batch_size,
+                   resize=config.eval.resize, mesh=mesh)
+
+
 def evaluate(model, variables, config, source, out_dir: str | None = None,
-             limit: int | None = None, mesh=None) -> dict:
+             limit: int | None = None, mesh=None, predictor: Predictor | None = None) -> dict:
   """Scores `source` (records with 'image' and 'mask'); writes pictures into out_dir if given.
 
+  predictor: one from make_predictor to reuse (its compiled function) with these variables.
   Returns {'summary', 'trivial': {'all_zero', 'all_one'}, 'per_image', 'threshold', 'resize'}.
   """
   eval_cfg = config.eval
-  predictor = Predictor(model, variables, config, batch_size=eval_cfg.batch_size,
-                        resize=eval_cfg.resize, mesh=mesh)
+  if predictor is None:
+    predictor = make_predictor(model, variables, config, mesh)
+  else:
+    predictor.set_variables(variables)
   scores = metrics_lib.MetricAccumulator()
   all_zero, all_one = metrics_lib.MetricAccumulator(), metrics_lib.MetricAccumulator()
   rows, skipped_authentic = [], 0

@@ -44,9 +44,8 @@ class Predictor:
       raise UserInputError(f"resize '{resize}': expected 'none' or 'miml'")
     self.batch_size = batch_size
     self.resize = resize
-    self.variables = variables
+    self.mesh = mesh
     dtype = jnp.dtype(config.model.get("dtype", "float32"))
-    self.has_image_head = bool(config.model.head.get("image_head", False))
 
     def infer(variables, images):
       outputs = model.apply(variables, transforms.normalize(images, dtype), train=False)
@@ -65,7 +64,6 @@ class Predictor:
       # Inference replicates the weights (gathering FSDP shards once) and splits each batch over
       # every device of the mesh, all processes included: each process reads the same batches,
       # contributes the rows of its own devices, and gets the (replicated) predictions back.
-      self.variables = sharding.replicate(variables, mesh)
       self.batch_size = -(-batch_size // mesh.size) * mesh.size  # Rows beyond are padding.
       rows = sharding.batch_sharding(mesh)
       self._put = lambda images: jax.make_array_from_callback(
@@ -74,7 +72,15 @@ class Predictor:
                             out_shardings=sharding.replicated(mesh))
     else:
       self._infer = jax.jit(infer)
+    self.set_variables(variables)
 
+  def set_variables(self, variables):
+    """New weights for the same model (the trainer's periodic evaluation): no recompilation.
+
+    None drops the (replicated) copy, e.g. between evaluations of a run that shards its weights.
+    """
+    self.variables = (sharding.replicate(variables, self.mesh)
+                      if self.mesh is not None and variables is not None else variables)
   def _target_size(self, sample):
     height, width = sample["image"].shape[:2]
     if self.resize == "miml":

@@ -235,9 +235,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     flops = mfu.compiled_flops(step_fn)
     peak = mfu.peak_flops_per_device(devices[0], config.train.get("peak_flops_per_device", 0.0))
     log(f"compiled in {time.time() - t:.1f}s"
-        + (f"; {flops / 1e9:.1f} GFLOP per device per step" if flops else ""))
+        + (f"; {flops / 1e9:.3g} GFLOP per device per step" if flops else ""))
 
   # ---- Loop ------------------------------------------------------------------------------
+  # One predictor (one compiled inference function) for every evaluation of the run; it holds
+  # a replicated copy of the weights only while it evaluates.
+  predictor = evaluate.make_predictor(model, None, config, mesh)
   writer = metric_writer.MetricWriter(workdir, tensorboard=config.train.get("tensorboard", True),
                                       start_step=start)
   nan_skips = int(train_vars["nan_skips"])
@@ -281,13 +284,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step % config.train.checkpoint_every == 0 or step == total:
       checkpointer.save(step, model_vars, config, train_vars=train_vars)
     if config.train.eval_every and step % config.train.eval_every == 0 and step != total:
-      _evaluate(model, model_vars, config, val_source, workdir, step, writer, mesh,
+      _evaluate(predictor, model, model_vars, config, val_source, workdir, step, writer,
                 best_checkpointer, write_pictures=False)
       window_start = time.time()
   checkpointer.close()
 
   # ---- Final evaluation and pictures -----------------------------------------------------
-  result = _evaluate(model, model_vars, config, val_source, workdir, step, writer, mesh,
+  result = _evaluate(predictor, model, model_vars, config, val_source, workdir, step, writer,
                      best_checkpointer, write_pictures=True)
   if best_checkpointer is not None:
     best_checkpointer.close()
@@ -297,13 +300,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return result
 
 
-def _evaluate(model, model_vars, config, source, workdir, step, writer, mesh, best_checkpointer,
-              write_pictures):
+def _evaluate(predictor, model, model_vars, config, source, workdir, step, writer,
+              best_checkpointer, write_pictures):
   """Scores the validation source on every device (all processes) and logs it; keeps the best."""
   t = time.time()
   pictures = write_pictures and jax.process_index() == 0
-  result = evaluate.evaluate(model, model_vars, config, source, mesh=mesh,
+  result = evaluate.evaluate(model, model_vars, config, source, predictor=predictor,
                              out_dir=workdir if pictures else None)
+  predictor.set_variables(None)
   summary = result["summary"]
   log(f"validation @ step {step}: IoU {summary['iou']:.4f}  P {summary['precision']:.4f}  "
       f"R {summary['recall']:.4f}  F1 {summary['f1']:.4f}  pixel AUC {summary['pixel_auc']:.4f}"
