@@ -20,9 +20,10 @@ shares; the 150-class classifier and APSC-Net's own layers keep their fresh init
 
 Expected: the paper reports APSC-Net's per-benchmark IoU (e.g. CASIAv1); no official weights or
 benchmark data are available on the machines this project is developed on, so that number has
-not been reproduced here yet. The paper's data mix (tampCOCO, MIML SPG/SDG, COCO + Object
-Jitter, CASIAv2 with repeat factors) comes with the TFDS builders; until then `data.train` is
-one source.
+not been reproduced here yet. The paper's data mix, with its repeat factors, is a mixture
+string (input/sources.py), e.g. for MIML-layout folders and COCO for Object Jitter:
+
+    --config.data.train='folder:/data/tampCOCO+folder:/data/MIML_Part1*6+folder:/data/MIML_Part2*4+coco:/data/coco*3+folder:/data/CASIAv2*80'
 """
 
 import ml_collections
@@ -35,7 +36,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   steps = ml_collections.FieldReference(160_000)
 
-  c.data = dict(train="synthetic", validation="synthetic", image_size=512, seed=0)
+  c.data = dict(train="synthetic", validation="synthetic", image_size=512, seed=0,
+                # Unreadable examples: 'raise' stops with the file named; 'skip' leaves them
+                # out and lists them in <workdir>/skipped_examples.txt.
+                on_error="raise")
   c.input = dict(
       batch_size=16, num_workers=8,
       # Each side resized to [512, 768] independently, crop 512, flips, rot90, JPEG 50-100

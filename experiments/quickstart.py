@@ -20,7 +20,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   steps = ml_collections.FieldReference(300)
 
-  c.data = dict(train="synthetic", validation="synthetic", image_size=128, seed=0)
+  c.data = dict(train="synthetic", validation="synthetic", image_size=128, seed=0,
+                # Unreadable examples: 'raise' stops with the file named; 'skip' leaves them
+                # out and lists them in <workdir>/skipped_examples.txt.
+                on_error="raise")
   c.input = dict(
       batch_size=8, num_workers=0,
       augment=dict(crop_size=128, resize_range=(1.0, 1.0), hflip=0.5, vflip=0.5, rot90=0.5,

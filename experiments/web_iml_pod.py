@@ -36,7 +36,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   steps = ml_collections.FieldReference(48_000)
 
   c.data = dict(train="folder:/data/MIMLv2", validation="folder:/data/CASIA1", image_size=512,
-                seed=0)
+                seed=0,
+                # Unreadable examples: 'raise' stops with the file named; 'skip' leaves them
+                # out and lists them in <workdir>/skipped_examples.txt.
+                on_error="raise")
   c.input = dict(
       batch_size=256, num_workers=16,
       augment=dict(crop_size=512, resize_range=(1.0, 1.5), hflip=0.5, vflip=0.5, rot90=0.5,

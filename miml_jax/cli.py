@@ -77,6 +77,7 @@ def _is_main_process() -> bool:
 
 def _json_result(result: dict) -> dict:
   return {"summary": result["summary"], "trivial": result["trivial"],
+          "unreadable_skipped": result["unreadable_skipped"],
           "threshold": result["threshold"], "resize": result["resize"]}
 
 
@@ -98,7 +99,8 @@ def cmd_eval(args, overrides):
       config.eval.resize = args.resize
   data = args.data or config.data.validation
   source = sources.make_source(data, "validation", image_size=config.data.image_size,
-                               seed=config.data.seed)
+                               seed=config.data.seed,
+                               on_error=config.data.get("on_error", "raise"))
   # Every device of every process runs the model; each batch is split over them.
   result = evaluate.evaluate(model, variables, config, source,
                              out_dir=args.out if main_process else None, limit=args.limit,

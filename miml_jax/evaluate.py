@@ -77,7 +77,9 @@ def evaluate(model, variables, config, source, out_dir: str | None = None,
             "trivial": {"all_zero": all_zero.summary(), "all_one": all_one.summary()},
             "per_image": scores.per_image(),
             "threshold": threshold_name(eval_cfg), "resize": eval_cfg.resize,
-            "num_authentic_skipped": skipped_authentic}
+            "num_authentic_skipped": skipped_authentic,
+            # Examples left out because their files could not be read (data.on_error='skip').
+            "unreadable_skipped": list(getattr(source, "skipped", []))}
   if out_dir is not None:
     os.makedirs(out_dir, exist_ok=True)
     visualize.save(os.path.join(out_dir, "predictions.png"), visualize.contact_sheet(rows))
@@ -96,4 +98,8 @@ def format_table(result: dict) -> str:
                  f"{(auc if auc == auc else float('nan')):>8.4f}")
   lines.append(f"{result['summary']['num_images']} tampered images; threshold "
                f"{result['threshold']}; resize {result['resize']}")
+  skipped = result.get("unreadable_skipped", [])
+  if skipped:
+    lines.append(f"{len(skipped)} unreadable example(s) left out (data.on_error='skip'), e.g. "
+                 f"{skipped[0]}")
   return "\n".join(lines)

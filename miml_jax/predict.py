@@ -116,7 +116,10 @@ class _Resized:
     return len(self._source)
 
   def __getitem__(self, index):
-    sample = dict(self._source[index])
+    sample = self._source[index]
+    if sample is None:  # Left out by data.on_error='skip'.
+      return None
+    sample = dict(sample)
     image = sample["image"]
     target = self._target_size(sample)
     sample["original_image"] = image

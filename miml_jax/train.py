@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from miml_jax import checkpoint as ckpt_lib
@@ -164,14 +165,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ---- Data ------------------------------------------------------------------------------
+  on_error = config.data.get("on_error", "raise")
   train_source = sources.make_source(
-      config.data.train, "train", image_size=config.data.image_size, seed=config.data.seed)
+      config.data.train, "train", image_size=config.data.image_size, seed=config.data.seed,
+      on_error=on_error, for_training=True)
   val_source = sources.make_source(
       config.data.validation, "validation", image_size=config.data.image_size,
-      seed=config.data.seed)
+      seed=config.data.seed, on_error=on_error)
+  # data.on_error='skip': every example skipped, with its file and reason, one line each.
+  skipped_report = SkipReport(os.path.join(workdir, "skipped_examples.txt"))
+  skipped_report.add(getattr(train_source, "skipped", []), "listing data.train")
   if len(train_source) < global_batch:
     raise UserInputError(f"data.train={config.data.train}: {len(train_source)} examples, fewer "
                          f"than one batch of {global_batch}")
+  if isinstance(train_source, sources.MixtureSource):
+    log(f"training mixture, {len(train_source)} examples per epoch: {train_source.describe()}")
   augment = transforms.AugmentConfig.from_config(config.input.augment)
 
   # ---- Model and optimiser ---------------------------------------------------------------
@@ -221,8 +229,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       num_workers=config.input.num_workers))
 
   def next_batch():
+    local = next(train_iter)
+    skipped_report.add([r for reasons in local.pop("skipped") if reasons
+                        for r in reasons.split("\n")], "training")
     return {k: jax.make_array_from_process_local_data(batch_sharding, v)
-            for k, v in next(train_iter).items()}
+            for k, v in local.items()}
 
   # ---- Compiled step ---------------------------------------------------------------------
   total = config.train.steps
@@ -280,7 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"{rate * global_batch:.1f} img/s"
           + (f"  MFU {speed['mfu']:.1%}" if "mfu" in speed else "")
           + f"  ETA {_format_seconds(eta)}")
-      writer.write(step, {**metrics, **speed, "nan_skips": skips})
+      writer.write(step, {**metrics, **speed, "nan_skips": skips,
+                          "data_skipped": skipped_report.total()})
     if step % config.train.checkpoint_every == 0 or step == total:
       checkpointer.save(step, model_vars, config, train_vars=train_vars)
     if config.train.eval_every and step % config.train.eval_every == 0 and step != total:
@@ -320,6 +332,29 @@ def _evaluate(predictor, model, model_vars, config, source, workdir, step, write
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump({"step": step, **result}, f, indent=2, default=float)
   return result
+
+
+class SkipReport:
+  """Examples data.on_error='skip' left out: appended to a file, counted over all processes."""
+
+  def __init__(self, path: str):
+    self.path, self.count = path, 0
+
+  def add(self, messages: list[str], where: str):
+    if not messages:
+      return
+    self.count += len(messages)
+    with open(self.path, "a") as f:
+      f.writelines(f"[process {jax.process_index()}, {where}] {m}\n" for m in messages)
+    print(f"warning: skipped {len(messages)} unreadable example(s) ({where}), e.g. "
+          f"{messages[0]}; see {self.path}", file=sys.stderr, flush=True)
+
+  def total(self) -> int:
+    """Skips of every process so far (a collective: all processes call it together)."""
+    if jax.process_count() == 1:
+      return self.count
+    from jax.experimental import multihost_utils
+    return int(np.sum(multihost_utils.process_allgather(np.int64(self.count))))
 
 
 def _format_seconds(seconds: float) -> str:

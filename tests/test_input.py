@@ -141,6 +141,69 @@ def test_folder_source_errors_name_the_file(tmp_path):
     source[1]
 
 
+def _bad_layout(root):
+  """5 examples: 0 a wrong-size mask, 2 a truncated JPEG, 4 no mask; 1 and 3 are fine."""
+  _write_layout(root, n=5, size=(32, 40))
+  io.write_image(str(root / "masks" / "0.png"), np.zeros((5, 5), np.uint8))
+  (root / "imgs" / "2.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+  os.remove(root / "masks" / "4.png")
+
+
+def test_skip_mode_replaces_in_training_and_drops_in_evaluation(tmp_path):
+  _bad_layout(tmp_path)
+  with pytest.raises(UserInputError, match=r"4\.jpg: no mask"):
+    sources.make_source(f"folder:{tmp_path}", "train")
+  with pytest.raises(UserInputError, match="data.on_error='maybe'"):
+    sources.make_source(f"folder:{tmp_path}", "train", on_error="maybe")
+  train = sources.make_source(f"folder:{tmp_path}", "train", on_error="skip", for_training=True)
+  assert len(train) == 4 and [m.split(":")[1] for m in train.skipped] == [" no mask " + str(
+      tmp_path / "masks" / "4") + ".png"]
+  # Index 0 (bad mask) is replaced by 1; 2 (truncated) by 3; the replaced files are named.
+  assert train[0]["id"] == "imgs/1.jpg" and "0.png: mask is 5x5" in train[0]["skipped"]
+  assert train[2]["id"] == "imgs/3.jpg" and "2.jpg: not a readable image" in train[2]["skipped"]
+  assert train[1]["skipped"] == ""
+  cfg = transforms.AugmentConfig(crop_size=16)
+  batch = next(iter(pipeline.train_dataset(train, batch_size=4, augment=cfg, seed=0)))
+  assert sum(bool(r) for r in batch["skipped"]) == 2  # One epoch: both bad files, once each.
+  evaluation = sources.make_source(f"folder:{tmp_path}", "validation", on_error="skip")
+  kept = [b["samples"] for b in pipeline.eval_batches(evaluation, batch_size=2)]
+  assert [s["id"] for batch in kept for s in batch] == ["imgs/1.jpg", "imgs/3.jpg"]
+  assert len(evaluation.skipped) == 3  # No mask (at listing), bad mask, truncated image.
+
+
 def test_unknown_source_kind():
   with pytest.raises(UserInputError, match="unknown kind 'tfds'"):
     sources.make_source("tfds:casia", "train")
+
+
+def test_mixture_repeats_each_source_per_epoch():
+  """'a*2+b': one epoch holds every example of a twice and of b once, shuffled together."""
+  a, b = ArraySource(3, size=16), ArraySource(2, size=16)
+  names = {}
+  for name, source in (("a", a), ("b", b)):
+    for i, item in enumerate(source.items):  # One flat colour per image identifies its crops.
+      value = 20 * len(names) + 10
+      item["image"] = np.full_like(item["image"], value)
+      names[value] = f"{name}{i}"
+  mixture = sources.MixtureSource([("a", a, 2), ("b", b, 1)])
+  assert len(mixture) == 8 and mixture[7]["id"] == "b/1" and mixture[4]["id"] == "a/1"
+  cfg = transforms.AugmentConfig(crop_size=16, resize_range=(1.0, 1.0), hflip=0, vflip=0,
+                                 rot90=0, jpeg_prob=0, rgb_shift_prob=0)
+  stream = iter(pipeline.train_dataset(mixture, batch_size=4, augment=cfg, seed=3))
+  epoch = np.concatenate([next(stream)["image"] for _ in range(2)])  # 8 = one epoch
+  counts = {}
+  for crop in epoch:
+    origin = names[int(crop[0, 0, 0])]
+    counts[origin] = counts.get(origin, 0) + 1
+  assert counts == {"a0": 2, "a1": 2, "a2": 2, "b0": 1, "b1": 1}
+
+
+def test_mixture_spec_and_its_errors():
+  mixture = sources.make_source("synthetic:5*3 + synthetic:4", "train", image_size=32)
+  assert len(mixture) == 19 and mixture.describe() == "synthetic:5 (5 x 3) + synthetic:4 (4 x 1)"
+  assert mixture[15]["id"].startswith("synthetic:4/")
+  for spec, message in (("synthetic*0", "cannot read 'synthetic\\*0'"),
+                        ("synthetic+", "cannot read ''"),
+                        ("synthetic*2+tfds:x", "unknown kind 'tfds'")):
+    with pytest.raises(UserInputError, match=message):
+      sources.make_source(spec, "train")

@@ -34,7 +34,9 @@ class _TrainTransform(grain.transforms.RandomMap):
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     image, label = transforms.train_augment(element["image"], element["mask"], rng, self.augment)
-    return {"image": image, "label": label}
+    # What data.on_error='skip' replaced to produce this example ('' if nothing): the trainer
+    # counts and reports it.
+    return {"image": image, "label": label, "skipped": element.get("skipped", "")}
 
 
 def train_dataset(source, *, batch_size: int, augment: transforms.AugmentConfig, seed: int,
@@ -43,7 +45,7 @@ def train_dataset(source, *, batch_size: int, augment: transforms.AugmentConfig,
   """This process's rows of global batches start_step, start_step + 1, ... forever.
 
   batch_size is the global batch B; each element is {'image': uint8 (B/P, S, S, 3),
-  'label': uint8 (B/P, S, S)} for P processes.
+  'label': uint8 (B/P, S, S), 'skipped': str (B/P,)} for P processes.
   """
   if batch_size % process_count:
     raise ValueError(f"global batch {batch_size} does not split over {process_count} processes")
@@ -77,7 +79,10 @@ def eval_batches(source, batch_size: int, multiple: int = 32,
     return {"image": np.stack(images), "valid": np.array(valid), "samples": [r[1] for r in rows]}
 
   for index in range(count):
-    sample = dict(source[index], index=index)
+    sample = source[index]
+    if sample is None:  # Left out by data.on_error='skip' (the source keeps the report).
+      continue
+    sample = dict(sample, index=index)
     image, _ = transforms.pad_to_multiple(sample["image"], multiple)
     key = image.shape
     buckets[key].append((image, sample))

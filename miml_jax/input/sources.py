@@ -10,7 +10,26 @@ Source strings:
   coco:/path/to/coco        COCO images with instance masks, made into forgeries by Object
                             Jitter (crops of data.image_size; split train -> COCO 'train',
                             validation -> 'val'); see coco.ObjectJitterSource
+
+Mixtures join sources with '+' (as TFDS joins splits), each optionally repeated `*N` times per
+epoch, e.g. the paper's training mix:
+
+  folder:/data/tampCOCO+folder:/data/MIML_Part1*6+folder:/data/MIML_Part2*4+coco:/data/coco*3
+  +folder:/data/CASIAv2*80
+
+Bad examples (unreadable or truncated images, masks missing or of another size): by default the
+first one stops the run with an error naming the file (`data.on_error='raise'`). With
+`data.on_error='skip'` a training example that cannot be read is replaced by the next one that
+can, and evaluation leaves it out; either way every skip is counted and reported with its file
+and reason (SkipUnreadable), never silently.
+
+One epoch holds every example of each source N times (mmseg's ConcatDataset of
+RepeatDatasets, which the official training used); the pipeline shuffles the whole epoch and
+augments every copy differently. (Paths containing '+' cannot be named in a mixture.)
 """
+
+import re
+
 
 import os
 
@@ -40,8 +59,9 @@ class SyntheticSource:
 class FolderSource:
   """MIML layout: `root/imgs/<k>.<ext>` and `root/masks/<k>.png` (any image extension)."""
 
-  def __init__(self, root: str):
+  def __init__(self, root: str, skip_missing_masks: bool = False):
     self.root = root
+    self.skipped: list[str] = []  # images left out for lack of a mask (skip mode)
     image_dir, mask_dir = os.path.join(root, "imgs"), os.path.join(root, "masks")
     if not os.path.isdir(image_dir):
       raise UserInputError(f"{root}: expected the MIML layout with an imgs/ and a masks/ folder")
@@ -51,11 +71,20 @@ class FolderSource:
     masks_by_stem = {os.path.splitext(os.path.basename(p))[0]: p
                      for p in (io.list_images(mask_dir) if os.path.isdir(mask_dir) else [])}
     self.masks = []
+    kept = []
     for path in self.images:
       stem = os.path.splitext(os.path.basename(path))[0]
       if stem not in masks_by_stem:
-        raise UserInputError(f"{path}: no mask {os.path.join(mask_dir, stem)}.png")
+        message = f"{path}: no mask {os.path.join(mask_dir, stem)}.png"
+        if not skip_missing_masks:
+          raise UserInputError(message)
+        self.skipped.append(message)
+        continue
+      kept.append(path)
       self.masks.append(masks_by_stem[stem])
+    self.images = kept
+    if not self.images:
+      raise UserInputError(f"{image_dir}: no image has a mask in {mask_dir}")
 
   def __len__(self) -> int:
     return len(self.images)
@@ -68,8 +97,101 @@ class FolderSource:
             "is_jpeg": image_path.lower().endswith((".jpg", ".jpeg"))}
 
 
-def make_source(spec: str, split: str, *, image_size: int = 128, seed: int = 0):
-  """Builds the source a config string names (see the module docstring)."""
+class MixtureSource:
+  """Sources concatenated, each repeated `repeat` times; ids are prefixed with their source."""
+
+  def __init__(self, parts: list[tuple[str, object, int]]):
+    self.parts = parts
+    self.skipped = [m for _, source, _ in parts for m in getattr(source, "skipped", [])]
+    self._offsets = np.cumsum([0] + [len(source) * repeat for _, source, repeat in parts])
+
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
+
+  def part_of(self, index: int) -> int:
+    """Which of `parts` the mixture's element `index` comes from."""
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} out of range for a mixture of {len(self)}")
+    return int(np.searchsorted(self._offsets, index, side="right")) - 1
+
+  def __getitem__(self, index: int) -> dict:
+    part = self.part_of(index)
+    name, source, _ = self.parts[part]
+    sample = dict(source[(index - int(self._offsets[part])) % len(source)])
+    sample["id"] = f"{name}/{sample['id']}"
+    return sample
+
+  def describe(self) -> str:
+    return " + ".join(f"{name} ({len(source)} x {repeat})" for name, source, repeat in self.parts)
+
+
+class SkipUnreadable:
+  """`data.on_error='skip'`: examples whose files cannot be read are skipped and reported.
+
+  replace=True (training): example i that fails is replaced by the next readable one (i+1, ...),
+  so the pipeline's index arithmetic is unchanged; the returned sample lists what it replaced in
+  'skipped' (newline-separated messages, '' when nothing was). replace=False (evaluation): a
+  failing example comes back as None, and `skipped` (this process) lists its message.
+  """
+
+  MAX_CONSECUTIVE = 100
+
+  def __init__(self, source, replace: bool):
+    self.source, self.replace = source, replace
+    # What the source itself left out when listing its files (e.g. images without masks).
+    self.skipped: list[str] = list(getattr(source, "skipped", []))
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int):
+    messages = []
+    for offset in range(min(self.MAX_CONSECUTIVE, len(self.source))):
+      try:
+        sample = dict(self.source[(index + offset) % len(self.source)])
+      except UserInputError as e:
+        messages.append(str(e))
+        if not self.replace:
+          self.skipped.append(str(e))
+          return None
+        continue
+      sample["skipped"] = "\n".join(messages)
+      return sample
+    raise UserInputError(f"data.on_error='skip': {len(messages)} examples in a row from index "
+                         f"{index} cannot be read; the last: {messages[-1]}")
+
+
+_REPEAT = re.compile(r"^(.*?)\*(\d+)$")
+
+
+def make_source(spec: str, split: str, *, image_size: int = 128, seed: int = 0,
+                on_error: str = "raise", for_training: bool = False):
+  """Builds the source or mixture a config string names (see the module docstring)."""
+  if on_error not in ("raise", "skip"):
+    raise UserInputError(f"data.on_error='{on_error}': expected 'raise' or 'skip'")
+  source = _make_source(spec, split, image_size, seed, skip=on_error == "skip")
+  return SkipUnreadable(source, replace=for_training) if on_error == "skip" else source
+
+
+def _make_source(spec: str, split: str, image_size: int, seed: int, skip: bool):
+  items = [item.strip() for item in spec.split("+")]
+  if len(items) == 1 and not _REPEAT.match(items[0]):
+    return _make_one(items[0], split, image_size, seed, skip)
+  parts = []
+  for item in items:
+    match = _REPEAT.match(item)
+    name, repeat = (match.group(1).strip(), int(match.group(2))) if match else (item, 1)
+    if not name or repeat < 1 or "*" in name:
+      raise UserInputError(f"data source '{spec}': cannot read '{item}' (expected SOURCE or "
+                           f"SOURCE*N with N >= 1, joined by '+')")
+    source = _make_one(name, split, image_size, seed, skip)
+    if len(source) == 0:
+      raise UserInputError(f"data source '{spec}': {name} has no examples")
+    parts.append((name, source, repeat))
+  return MixtureSource(parts)
+
+
+def _make_one(spec: str, split: str, image_size: int, seed: int, skip: bool):
   kind, _, arg = spec.partition(":")
   if kind == "synthetic":
     num = int(arg) if arg else None
@@ -77,7 +199,7 @@ def make_source(spec: str, split: str, *, image_size: int = 128, seed: int = 0):
   if kind == "folder":
     if not arg:
       raise UserInputError(f"data source '{spec}': give a path, folder:/path/to/root")
-    return FolderSource(os.path.expanduser(arg))
+    return FolderSource(os.path.expanduser(arg), skip_missing_masks=skip)
   if kind == "coco":
     if not arg:
       raise UserInputError(f"data source '{spec}': give a path, coco:/path/to/coco")
