@@ -4,6 +4,7 @@
   eval     score a checkpoint on a dataset with the MIML protocol
   predict  heatmaps, overlays and binary masks for images or folders
   qes      the quality evaluation score of soft masks
+  data     build TFDS datasets (datasets/) and look at any data source
   convert  official PyTorch / safetensors / npz weights -> a miml-jax init file (--init)
 
 Every command that computes numbers prints them as one JSON object on stdout with --json
@@ -207,6 +208,42 @@ def cmd_qes(args, overrides):
                   for r in records))
 
 
+# ---- data ------------------------------------------------------------------------------------
+def cmd_data(args, overrides):
+  if args.data_command == "build":
+    from miml_jax.input import tfds_build
+    result = tfds_build.build(args.name, args.config, args.manual_dir, args.data_dir,
+                              args.builders)
+    counts = ", ".join(f"{split} {n}" for split, n in result["splits"].items())
+    _emit(args, {"name": args.name, "config": args.config, **result},
+          f"built {args.name}/{args.config or ''} in {result['directory']}: {counts} examples")
+    return
+  _data_show(args, overrides)
+
+
+def _data_show(args, overrides):
+  """A contact sheet: each example as stored (mask outlined) and as training sees it."""
+  import numpy as np
+  from miml_jax import visualize
+  from miml_jax.input import sources, transforms
+  config = _parse_config(args.config, overrides)
+  if os.path.exists(args.out) and not args.overwrite:
+    raise UserInputError(f"{args.out}: exists; choose another --out or pass --overwrite")
+  source = sources.make_source(args.source, args.split, image_size=config.data.image_size,
+                               seed=config.data.seed)
+  augment = transforms.AugmentConfig.from_config(config.input.augment)
+  rng = np.random.default_rng(config.seed)
+  rows = []
+  for index in rng.permutation(len(source))[:args.num]:
+    sample = source[int(index)]
+    image, label = transforms.train_augment(sample["image"], sample["mask"], rng, augment)
+    rows.append(visualize.sample_row(sample, image, label))
+  visualize.save(args.out, visualize.contact_sheet(rows))
+  _emit(args, {"source": args.source, "examples": len(source), "shown": len(rows),
+               "out": os.path.abspath(args.out)},
+        f"{args.source}: {len(source)} examples; {len(rows)} shown in {args.out}")
+
+
 # ---- convert ---------------------------------------------------------------------------------
 def cmd_convert(args, overrides):
   import jax
@@ -302,6 +339,32 @@ def build_parser() -> argparse.ArgumentParser:
   qs.add_argument("--keep-threshold", type=float, default=0.5,
                   help="keep a mask iff QES > this (default 0.5)")
 
+  da = add("data", "build TFDS datasets; look at any data source",
+           "build: builds datasets/NAME (TFDS, array_record, no TensorFlow) from files you "
+           "downloaded\n(--manual-dir) into --data-dir; train on it with "
+           "--config.data.train=tfds:NAME/CONFIG.\nshow: a contact sheet PNG of examples from any "
+           "data source: each as stored, with its\nmask outlined, and as training sees it "
+           "(augmented crop, tampered in red, ignored in grey).")
+  data_commands = da.add_subparsers(dest="data_command", required=True, metavar="build|show")
+  build = data_commands.add_parser("build", help="build datasets/NAME")
+  build.add_argument("name", help="a folder of datasets/, e.g. mimlv2")
+  build.add_argument("--config", help="the builder config, e.g. miml_part1")
+  build.add_argument("--manual-dir", required=True, help="the downloaded files")
+  build.add_argument("--data-dir", default=os.environ.get(
+      "TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets")),
+                     help="where to write (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  build.add_argument("--builders", help="the folder of builders (default ./datasets)")
+  show = data_commands.add_parser("show", help="contact sheet of a data source")
+  show.add_argument("source", help="a data source string: tfds:NAME/CONFIG, folder:PATH, ...")
+  show.add_argument("--out", required=True, help="the PNG to write")
+  show.add_argument("--num", type=int, default=12, help="examples to show (default 12)")
+  show.add_argument("--split", default="train", help="train or validation (default train)")
+  show.add_argument("--config", default=os.path.join("experiments", "quickstart.py"),
+                    help="the config whose augmentations to show (default the quickstart's)")
+  show.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  for sub in (build, show):
+    sub.add_argument("--json", action="store_true", help="print the result as JSON")
+
   cv = add("convert", "official weights -> a miml-jax init file",
            "Reads a PyTorch .pth/.pt/.bin (needs torch), .safetensors or .npz state_dict, maps "
            "every\ntensor onto the model's flax tree (torch key names, with DDP 'module.' and "
@@ -336,7 +399,7 @@ def _enable_compilation_cache():
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "qes": cmd_qes,
-            "convert": cmd_convert}
+            "data": cmd_data, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,25 +14,39 @@ from miml_jax.errors import UserInputError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
 
-def _read(path: str, flags: int) -> np.ndarray:
+def read_bytes(path: str) -> bytes:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise UserInputError(f"{path}: no such file")
-  # np.fromfile + imdecode also handles non-ASCII paths, which cv2.imread does not.
-  data = np.fromfile(path, dtype=np.uint8)
-  array = cv2.imdecode(data, flags) if data.size else None
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _decode(data: bytes, name: str, flags: int) -> np.ndarray:
+  buffer = np.frombuffer(data, dtype=np.uint8)
+  array = cv2.imdecode(buffer, flags) if buffer.size else None
   if array is None:
-    raise UserInputError(f"{path}: not a readable image (empty, truncated or unknown format)")
+    raise UserInputError(f"{name}: not a readable image (empty, truncated or unknown format)")
   return array
+
+
+def _read(path: str, flags: int) -> np.ndarray:
+  # Reading the bytes first also handles non-ASCII paths, which cv2.imread does not.
+  return _decode(read_bytes(path), os.fspath(path), flags)
 
 
 def read_image(path: str) -> np.ndarray:
   """Reads an image as uint8 RGB (H, W, 3); grey images are repeated, alpha is dropped."""
-  array = _read(path, cv2.IMREAD_UNCHANGED)
+  return decode_image(read_bytes(path), os.fspath(path))
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+  """read_image for an encoded file's bytes; `name` is what errors call it."""
+  array = _decode(data, name, cv2.IMREAD_UNCHANGED)
   if array.dtype == np.uint16:
     array = (array >> 8).astype(np.uint8)
   elif array.dtype != np.uint8:
-    raise UserInputError(f"{path}: unsupported pixel type {array.dtype}")
+    raise UserInputError(f"{name}: unsupported pixel type {array.dtype}")
   if array.ndim == 2:
     return np.repeat(array[:, :, None], 3, axis=2)
   if array.shape[2] == 1:
@@ -40,13 +54,18 @@ def read_image(path: str) -> np.ndarray:
   if array.shape[2] == 4:
     array = array[:, :, :3]
   if array.shape[2] != 3:
-    raise UserInputError(f"{path}: expected 1, 3 or 4 channels, got {array.shape[2]}")
+    raise UserInputError(f"{name}: expected 1, 3 or 4 channels, got {array.shape[2]}")
   return np.ascontiguousarray(array[:, :, ::-1])
 
 
 def read_mask(path: str) -> np.ndarray:
   """Reads a mask as uint8 (H, W) grey levels 0..255 (colour masks are converted to grey)."""
-  array = _read(path, cv2.IMREAD_UNCHANGED)
+  return decode_mask(read_bytes(path), os.fspath(path))
+
+
+def decode_mask(data: bytes, name: str) -> np.ndarray:
+  """read_mask for an encoded file's bytes; `name` is what errors call it."""
+  array = _decode(data, name, cv2.IMREAD_UNCHANGED)
   if array.dtype == np.uint16:
     array = (array >> 8).astype(np.uint8)
   elif array.dtype == bool:
@@ -77,14 +96,24 @@ def check_same_size(image: np.ndarray, mask: np.ndarray, image_path: str, mask_p
         f"{image.shape[1]}x{image.shape[0]} (width x height)")
 
 
-def write_image(path: str, image: np.ndarray):
-  """Writes uint8 RGB (H, W, 3) or grey (H, W) to any format OpenCV knows from the extension."""
+def encode_image(image: np.ndarray, extension: str = ".png") -> bytes:
+  """uint8 RGB (H, W, 3) or grey (H, W) -> the bytes of a file of that format."""
   if image.ndim == 3:
     image = image[:, :, ::-1]
-  ok, data = cv2.imencode(os.path.splitext(path)[1] or ".png", np.ascontiguousarray(image))
+  ok, data = cv2.imencode(extension, np.ascontiguousarray(image))
   if not ok:
-    raise UserInputError(f"{path}: cannot encode an image with this extension")
-  data.tofile(path)
+    raise UserInputError(f"cannot encode an image as {extension}")
+  return data.tobytes()
+
+
+def write_image(path: str, image: np.ndarray):
+  """Writes uint8 RGB (H, W, 3) or grey (H, W) to any format OpenCV knows from the extension."""
+  try:
+    data = encode_image(image, os.path.splitext(path)[1] or ".png")
+  except UserInputError:
+    raise UserInputError(f"{path}: cannot encode an image with this extension") from None
+  with open(path, "wb") as f:
+    f.write(data)
 
 
 def list_images(folder: str) -> list[str]:

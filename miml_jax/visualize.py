@@ -51,6 +51,26 @@ def comparison_row(image, gt, prob, threshold: float, title: str = "") -> np.nda
   return np.concatenate(tiles, axis=1)
 
 
+def sample_row(sample: dict, crop: np.ndarray, label: np.ndarray) -> np.ndarray:
+  """[example as stored, its mask outlined | training crop with its labels] at a common height.
+
+  Labels: tampered (1) in red, ignored (the soft band, 255) in grey, pristine untouched.
+  """
+  image, mask = sample["image"], sample["mask"]
+  stored = _label(outline(image, mask > 0, color=(255, 0, 0)),
+                  f"{os.path.basename(str(sample.get('id', '')))} {image.shape[1]}x"
+                  f"{image.shape[0]}")
+  seen = crop.astype(np.float32)
+  for value, color in ((1, (255, 0, 0)), (255, (128, 128, 128))):
+    where = label == value
+    seen[where] = seen[where] * 0.5 + np.array(color, np.float32) * 0.5
+  seen = _label(np.round(seen).astype(np.uint8), "training crop")
+  height = stored.shape[0]
+  scaled = cv2.resize(seen, (max(1, round(seen.shape[1] * height / seen.shape[0])), height),
+                      interpolation=cv2.INTER_NEAREST)
+  return np.concatenate([stored, scaled], axis=1)
+
+
 def contact_sheet(rows: list[np.ndarray], width: int = 1024) -> np.ndarray:
   """Stacks rows vertically after scaling each to `width` pixels."""
   scaled = []

@@ -172,8 +172,8 @@ def test_skip_mode_replaces_in_training_and_drops_in_evaluation(tmp_path):
 
 
 def test_unknown_source_kind():
-  with pytest.raises(UserInputError, match="unknown kind 'tfds'"):
-    sources.make_source("tfds:casia", "train")
+  with pytest.raises(UserInputError, match="unknown kind 'hdf5'"):
+    sources.make_source("hdf5:casia", "train")
 
 
 def test_mixture_repeats_each_source_per_epoch():
@@ -204,6 +204,6 @@ def test_mixture_spec_and_its_errors():
   assert mixture[15]["id"].startswith("synthetic:4/")
   for spec, message in (("synthetic*0", "cannot read 'synthetic\\*0'"),
                         ("synthetic+", "cannot read ''"),
-                        ("synthetic*2+tfds:x", "unknown kind 'tfds'")):
+                        ("synthetic*2+hdf5:x", "unknown kind 'hdf5'")):
     with pytest.raises(UserInputError, match=message):
       sources.make_source(spec, "train")

@@ -7,6 +7,10 @@ Source strings:
   synthetic                 the embedded procedural forgery set (no download), any split
   synthetic:N               the same with N examples
   folder:/path/to/root      the MIML layout: root/imgs/<k>.<ext> with root/masks/<k>.png
+  tfds:NAME/CONFIG[@SPLIT]  a dataset built by `miml-jax data build` (datasets/), read from
+                            $TFDS_DATA_DIR or ~/tensorflow_datasets; an absolute
+                            tfds:/path/NAME/CONFIG names the folder itself. SPLIT defaults to
+                            the role's (train, validation)
   coco:/path/to/coco        COCO images with instance masks, made into forgeries by Object
                             Jitter (crops of data.image_size; split train -> COCO 'train',
                             validation -> 'val'); see coco.ObjectJitterSource
@@ -97,6 +101,59 @@ class FolderSource:
             "is_jpeg": image_path.lower().endswith((".jpg", ".jpeg"))}
 
 
+class TfdsSource:
+  """A TFDS dataset built by this project's builders (datasets/), read without TensorFlow.
+
+  Examples hold the image file's bytes and a PNG mask; they are decoded here, as FolderSource
+  decodes files, so both give the same arrays. Extra fields (qes, source) pass through.
+  """
+
+  def __init__(self, directory: str, split: str, name: str):
+    import tensorflow_datasets as tfds  # Only when a tfds: source is used.
+    self.name = name
+    versions = sorted((v for v in (os.listdir(directory) if os.path.isdir(directory) else [])
+                       if re.fullmatch(r"\d+\.\d+\.\d+", v)),
+                      key=lambda v: tuple(map(int, v.split("."))))
+    if not versions:
+      raise UserInputError(f"{directory}: no built dataset here; build it with `miml-jax data "
+                           f"build NAME --config CONFIG --manual-dir DIR` (datasets/README.md)")
+    builder = tfds.builder_from_directory(os.path.join(directory, versions[-1]))
+    if split not in builder.info.splits:
+      raise UserInputError(f"{name}: no split '{split}' (has {', '.join(builder.info.splits)});"
+                           f" name one with {name}@SPLIT")
+    self._data = builder.as_data_source(split)
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  def __getitem__(self, index: int) -> dict:
+    record = self._data[index]
+    sample_id = _text(record["id"])
+    where = f"{self.name}[{sample_id}]"
+    image = io.decode_image(record["image"], where + " image")
+    mask = io.decode_mask(record["mask"], where + " mask")
+    io.check_same_size(image, mask, where + " image", where + " mask")
+    sample = {"image": image, "mask": mask, "id": sample_id, "is_jpeg": bool(record["is_jpeg"])}
+    for key in ("qes", "source"):
+      if key in record:
+        sample[key] = _text(record[key]) if key == "source" else float(record[key])
+    return sample
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _tfds_source(arg: str, split: str) -> TfdsSource:
+  name, _, split_name = arg.partition("@")
+  if os.path.isabs(os.path.expanduser(name)):
+    directory = os.path.expanduser(name)
+  else:
+    data_dir = os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+    directory = os.path.join(data_dir, name)
+  return TfdsSource(directory, split_name or split, f"tfds:{name}")
+
+
 class MixtureSource:
   """Sources concatenated, each repeated `repeat` times; ids are prefixed with their source."""
 
@@ -131,7 +188,7 @@ class SkipUnreadable:
   replace=True (training): example i that fails is replaced by the next readable one (i+1, ...),
   so the pipeline's index arithmetic is unchanged; the returned sample lists what it replaced in
   'skipped' (newline-separated messages, '' when nothing was). replace=False (evaluation): a
-  failing example comes back as None, and `skipped` (this process) lists its message.
+  failing example comes back as None, and `skipped` lists its message (once).
   """
 
   MAX_CONSECUTIVE = 100
@@ -139,7 +196,12 @@ class SkipUnreadable:
   def __init__(self, source, replace: bool):
     self.source, self.replace = source, replace
     # What the source itself left out when listing its files (e.g. images without masks).
-    self.skipped: list[str] = list(getattr(source, "skipped", []))
+    self._listed = list(getattr(source, "skipped", []))
+    self._failed: dict[int, str] = {}  # evaluation: index -> why (each once, however often read)
+
+  @property
+  def skipped(self) -> list[str]:
+    return self._listed + [self._failed[i] for i in sorted(self._failed)]
 
   def __len__(self) -> int:
     return len(self.source)
@@ -152,7 +214,7 @@ class SkipUnreadable:
       except UserInputError as e:
         messages.append(str(e))
         if not self.replace:
-          self.skipped.append(str(e))
+          self._failed[index] = str(e)
           return None
         continue
       sample["skipped"] = "\n".join(messages)
@@ -200,6 +262,10 @@ def _make_one(spec: str, split: str, image_size: int, seed: int, skip: bool):
     if not arg:
       raise UserInputError(f"data source '{spec}': give a path, folder:/path/to/root")
     return FolderSource(os.path.expanduser(arg), skip_missing_masks=skip)
+  if kind == "tfds":
+    if not arg:
+      raise UserInputError(f"data source '{spec}': give a dataset, tfds:NAME/CONFIG")
+    return _tfds_source(arg, split)
   if kind == "coco":
     if not arg:
       raise UserInputError(f"data source '{spec}': give a path, coco:/path/to/coco")
@@ -209,4 +275,5 @@ def _make_one(spec: str, split: str, image_size: int, seed: int, skip: bool):
     return coco.ObjectJitterSource(instances, crop_size=image_size, seed=seed,
                                    split_id=synthetic.SPLIT_IDS.get(split, 0))
   raise UserInputError(
-      f"data source '{spec}': unknown kind '{kind}' (known: synthetic, folder:PATH, coco:PATH)")
+      f"data source '{spec}': unknown kind '{kind}' (known: synthetic, folder:PATH, "
+      f"tfds:NAME/CONFIG, coco:PATH)")

@@ -1,0 +1,78 @@
+"""Building the TFDS datasets of `datasets/<name>/` from Python (the `tfds build` CLI needs
+TensorFlow; these builders do not): `miml-jax data build NAME --config C --manual-dir D`.
+
+Builders are read from a directory of builder folders (`./datasets` of a checkout by default),
+by path, as experiment configs are; a built dataset is then read by `tfds:NAME/CONFIG` without
+its builder code (sources.TfdsSource).
+"""
+
+import contextlib
+import importlib.util
+import os
+import sys
+
+from miml_jax.errors import UserInputError
+
+
+def builders_dir(explicit: str | None = None) -> str:
+  """`explicit`, else ./datasets, else the datasets/ folder next to this package's checkout."""
+  candidates = ([explicit] if explicit else
+                [os.path.join(os.getcwd(), "datasets"),
+                 os.path.join(os.path.dirname(__file__), "..", "..", "datasets")])
+  for candidate in candidates:
+    if os.path.isfile(os.path.join(candidate, "README.md")) or (
+        explicit and os.path.isdir(candidate)):
+      return os.path.abspath(candidate)
+  raise UserInputError(f"no builders folder at {' or '.join(map(os.path.abspath, candidates))}; "
+                       f"run from the miml-jax checkout or pass --builders DIR")
+
+
+def available(directory: str) -> list[str]:
+  return sorted(name for name in os.listdir(directory)
+                if os.path.isfile(os.path.join(directory, name, f"{name}_dataset_builder.py")))
+
+
+def load_builder_class(name: str, directory: str):
+  """The `Builder` class of `<directory>/<name>/<name>_dataset_builder.py`."""
+  path = os.path.join(directory, name, f"{name}_dataset_builder.py")
+  if not os.path.isfile(path):
+    raise UserInputError(f"no dataset '{name}' in {directory} (have: "
+                         f"{', '.join(available(directory)) or 'none'})")
+  # Imported as a package module (TFDS locates a builder's files through its module).
+  package = f"miml_jax_datasets_{name}"
+  if package not in sys.modules:
+    spec = importlib.util.spec_from_file_location(
+        package, os.path.join(directory, name, "__init__.py"),
+        submodule_search_locations=[os.path.join(directory, name)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[package] = module
+    spec.loader.exec_module(module)
+  module_name = f"{package}.{name}_dataset_builder"
+  if module_name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+  return sys.modules[module_name].Builder
+
+
+def build(name: str, config: str | None, manual_dir: str, data_dir: str,
+          builders: str | None = None) -> dict:
+  """Builds NAME/CONFIG into data_dir; returns {'directory', 'splits': {split: examples}}."""
+  import tensorflow_datasets as tfds
+  builder_class = load_builder_class(name, builders_dir(builders))
+  configs = [c.name for c in getattr(builder_class, "BUILDER_CONFIGS", [])]
+  if configs and config not in configs:
+    raise UserInputError(f"dataset '{name}': --config must be one of {', '.join(configs)}")
+  if not os.path.isdir(manual_dir):
+    raise UserInputError(f"{manual_dir}: --manual-dir is not a folder")
+  builder = builder_class(config=config, data_dir=os.path.expanduser(data_dir),
+                          file_format="array_record")
+  # TFDS narrates on stdout, which belongs to the command's --json output.
+  with contextlib.redirect_stdout(sys.stderr):
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(manual_dir)))
+  splits = {split: info.num_examples for split, info in builder.info.splits.items()}
+  if not any(splits.values()):
+    raise UserInputError(f"{manual_dir}: dataset '{name}' built with no examples")
+  return {"directory": os.fspath(builder.data_dir), "splits": splits}

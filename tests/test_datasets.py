@@ -1,0 +1,91 @@
+"""TFDS builders (datasets/) built TF-free from fixture trees the tests write, read back through
+the `tfds:` source, and `miml-jax data build|show` end to end."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from miml_jax import cli, io, qes
+from miml_jax.errors import UserInputError
+from miml_jax.input import sources, tfds_build
+
+BUILDERS = os.path.join(os.path.dirname(__file__), "..", "datasets")
+
+
+def _miml_folder(root, n=5, seed=0):
+  """The MIML layout with soft masks (0..255, a band of uncertain pixels) and one PNG image."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(root / "imgs")
+  os.makedirs(root / "masks")
+  for k in range(n):
+    height, width = 24 + 4 * k, 32
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    mask = np.zeros((height, width), np.uint8)
+    mask[4:12, 6:20] = 255
+    mask[12:14, 6:20] = 128  # The soft band QES looks at.
+    io.write_image(str(root / "imgs" / f"{k}.{'png' if k == 0 else 'jpg'}"), image)
+    io.write_image(str(root / "masks" / f"{k}.png"), mask)
+
+
+def test_mimlv2_builds_and_reads_back_like_the_folder(tmp_path, capsys):
+  manual = tmp_path / "manual"
+  _miml_folder(manual / "MIML_Part1")
+  (manual / "MIML_Part1" / "annotations.jsonl").write_text(
+      json.dumps({"id": "3", "qes": 0.25}) + "\n")
+  data_dir = tmp_path / "tfds"
+  code = cli.main(["data", "build", "mimlv2", "--config", "miml_part1", "--manual-dir",
+                   str(manual), "--data-dir", str(data_dir), "--builders", BUILDERS, "--json"])
+  out, err = capsys.readouterr()
+  assert code == 0, err[-2000:]
+  assert json.loads(out)["splits"] == {"train": 5}
+  built = sources.make_source(f"tfds:{data_dir}/mimlv2/miml_part1", "train")
+  folder = sources.make_source(f"folder:{manual / 'MIML_Part1'}", "train")
+  by_id = {built[i]["id"]: built[i] for i in range(len(built))}
+  assert sorted(by_id) == ["0", "1", "2", "3", "4"]
+  for i in range(len(folder)):
+    want = folder[i]
+    got = by_id[os.path.splitext(os.path.basename(want["id"]))[0]]
+    # The very same pixels: JPEG bytes are stored as they were, never re-encoded.
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["mask"], want["mask"])
+    assert got["is_jpeg"] == want["is_jpeg"] and got["source"] == "spg"
+  # QES: from annotations.jsonl where given, else computed from the soft mask.
+  assert by_id["3"]["qes"] == 0.25
+  expected = qes.qes_files([str(manual / "MIML_Part1" / "masks" / "1.png")])[0]
+  assert by_id["1"]["qes"] == pytest.approx(expected) and 0 < expected < 1
+  # A named split that is not there, and a dataset that was never built.
+  with pytest.raises(UserInputError, match="no split 'test'"):
+    sources.make_source(f"tfds:{data_dir}/mimlv2/miml_part1@test", "train")
+  with pytest.raises(UserInputError, match="no built dataset here"):
+    sources.make_source(f"tfds:{data_dir}/mimlv2/miml_part2", "train")
+  # Any source can be looked at.
+  sheet = tmp_path / "sheet.png"
+  code = cli.main(["data", "show", f"tfds:{data_dir}/mimlv2/miml_part1", "--out", str(sheet),
+                   "--num", "3", "--config.input.augment.crop_size=16"])
+  assert code == 0, capsys.readouterr().err
+  assert io.read_image(str(sheet)).shape[1] == 1024
+  code = cli.main(["data", "show", "synthetic:4", "--out", str(sheet)])
+  assert code == 2 and "exists" in capsys.readouterr().err
+
+
+def test_build_errors_name_the_problem(tmp_path, capsys):
+  cases = [
+      (["data", "build", "nosuch", "--manual-dir", str(tmp_path)], "no dataset 'nosuch'"),
+      (["data", "build", "mimlv2", "--config", "part9", "--manual-dir", str(tmp_path)],
+       "--config must be one of miml_part1"),
+      (["data", "build", "mimlv2", "--config", "miml_part2", "--manual-dir", str(tmp_path)],
+       "MIML_Part2: no such folder"),
+  ]
+  for argv, message in cases:
+    code = cli.main(argv + ["--data-dir", str(tmp_path / "out"), "--builders", BUILDERS])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err[-2000:]
+  (tmp_path / "MIML_Part1" / "imgs").mkdir(parents=True)
+  (tmp_path / "MIML_Part1" / "masks").mkdir()
+  code = cli.main(["data", "build", "mimlv2", "--config", "miml_part1", "--manual-dir",
+                   str(tmp_path), "--data-dir", str(tmp_path / "out"), "--builders", BUILDERS])
+  assert code == 2 and "no images" in capsys.readouterr().err
+  with pytest.raises(UserInputError, match="no builders folder"):
+    tfds_build.builders_dir(str(tmp_path / "missing"))
