@@ -89,3 +89,59 @@ def test_build_errors_name_the_problem(tmp_path, capsys):
   assert code == 2 and "no images" in capsys.readouterr().err
   with pytest.raises(UserInputError, match="no builders folder"):
     tfds_build.builders_dir(str(tmp_path / "missing"))
+
+
+def _built(data_dir, name, config, split):
+  import tensorflow_datasets as tfds
+  directory = os.path.join(data_dir, name, *([config] if config else []), "1.0.0")
+  return tfds.builder_from_directory(directory).as_data_source(split)
+
+
+def test_synthetic_builds_to_the_embedded_set(tmp_path, capsys):
+  code = cli.main(["data", "build", "synthetic", "--config", "tiny", "--manual-dir",
+                   str(tmp_path), "--data-dir", str(tmp_path / "tfds"), "--builders", BUILDERS,
+                   "--json"])
+  assert code == 0, capsys.readouterr().err[-2000:]
+  assert json.loads(capsys.readouterr().out)["splits"] == {"train": 16, "validation": 8}
+  for split in ("train", "validation"):
+    built = sources.make_source(f"tfds:{tmp_path / 'tfds'}/synthetic/tiny", split)
+    embedded = sources.make_source("synthetic:16" if split == "train" else "synthetic:8", split,
+                                   image_size=64)
+    by_id = {built[i]["id"]: built[i] for i in range(len(built))}
+    assert len(by_id) == len(embedded)
+    for i in range(len(embedded)):
+      want = embedded[i]
+      np.testing.assert_array_equal(by_id[want["id"]]["image"], want["image"])
+      np.testing.assert_array_equal(by_id[want["id"]]["mask"], want["mask"])
+
+
+def test_ciml_pairs_build(tmp_path, capsys):
+  rng = np.random.default_rng(1)
+  manual = tmp_path / "pairs"
+  for pair, (size_0, size_1) in {"a": ((20, 30), (20, 30)), "b": ((20, 30), (24, 18))}.items():
+    (manual / pair).mkdir(parents=True)
+    io.write_image(str(manual / pair / "0.jpg"), rng.integers(0, 256, (*size_0, 3), np.uint8))
+    io.write_image(str(manual / pair / "1.png"), rng.integers(0, 256, (*size_1, 3), np.uint8))
+  io.write_image(str(manual / "a" / "mask.png"), np.full((20, 30), 255, np.uint8))
+  argv = ["data", "build", "ciml_pairs", "--manual-dir", str(manual), "--data-dir",
+          str(tmp_path / "tfds"), "--builders", BUILDERS]
+  assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
+  pairs = _built(tmp_path / "tfds", "ciml_pairs", None, "train")
+  records = {r["id"].decode(): r for r in (pairs[i] for i in range(len(pairs)))}
+  assert records["a"]["same_size"] and records["a"]["has_mask"]
+  assert not records["b"]["same_size"] and records["b"]["mask"] == b""
+  # The files' own bytes, JPEG included.
+  assert records["a"]["authentic"] == (manual / "a" / "0.jpg").read_bytes()
+  (manual / "c").mkdir()
+  io.write_image(str(manual / "c" / "0.png"), np.zeros((4, 4, 3), np.uint8))
+  code = cli.main(argv[:-4] + ["--data-dir", str(tmp_path / "tfds2"), "--builders", BUILDERS])
+  assert code == 2 and "no 1.<ext> (forged image)" in capsys.readouterr().err
+
+
+def test_ciml_pairs_on_the_shared_web_pairs(shared_data, tmp_path, capsys):
+  argv = ["data", "build", "ciml_pairs", "--manual-dir", os.path.join(shared_data, "web_pairs"),
+          "--data-dir", str(tmp_path), "--builders", BUILDERS, "--json"]
+  assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
+  assert json.loads(capsys.readouterr().out)["splits"] == {"train": 71}
+  pairs = _built(tmp_path, "ciml_pairs", None, "train")
+  assert sum(bool(pairs[i]["same_size"]) for i in range(len(pairs))) == 25
