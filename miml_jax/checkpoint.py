@@ -58,14 +58,13 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, model_vars, config, train_vars=None, metrics: dict | None = None,
-           force: bool = False):
+  def save(self, step: int, model_vars, config, train_vars=None, metrics: dict | None = None):
     """Saves the weights and config, and the training state unless train_vars is None."""
     items = dict(model=ocp.args.StandardSave(model_vars),
                  config=ocp.args.JsonSave(config.to_dict()))
     if train_vars is not None:
       items["train"] = ocp.args.StandardSave(train_vars)
-    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
 
   def restore_training(self, step: int, abstract_model, abstract_train):
     restored = self._manager.restore(

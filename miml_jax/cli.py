@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_weights_args(ev)
   _add_multihost_args(ev)
   ev.add_argument("--data", help="data source: synthetic | folder:/path (MIML layout imgs/ "
-                  "masks/); default: the config's validation source")
+                  "masks/) | tfds:NAME/CONFIG | coco:/path | a '+' mixture; default: the "
+                  "config's validation source")
   ev.add_argument("--threshold", help="a number, or image_head (clamp(1 - p, 0.3, 0.7))")
   ev.add_argument("--resize", choices=("none", "miml"), help="test-time resize rule")
   ev.add_argument("--limit", type=int, help="score only the first N images")

@@ -41,7 +41,5 @@ def compiled_flops(compiled) -> float | None:
     analysis = compiled.cost_analysis()
   except Exception:  # Some backends do not implement cost analysis.
     return None
-  if isinstance(analysis, (list, tuple)):  # Older jax returned one dict per device program.
-    analysis = analysis[0] if analysis else None
   flops = (analysis or {}).get("flops")
   return float(flops) if flops and flops > 0 else None

@@ -90,10 +90,7 @@ def test_resume_is_exact(trained, tmp_path, capsys):
   shutil.rmtree(workdir / "checkpoints" / "4")
   code, _, err = train(capsys, workdir, 4)
   assert code == 0 and "resumed from" in err and "checkpoints/2" in err
-  resumed, straight = _params(workdir, 4), _params(trained, 4)
-  import jax
-  for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(straight)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_same_params(workdir, trained, 4)
 
 
 def test_resume_onto_another_mesh(trained, tmp_path, capsys):

@@ -165,14 +165,10 @@ class MixtureSource:
   def __len__(self) -> int:
     return int(self._offsets[-1])
 
-  def part_of(self, index: int) -> int:
-    """Which of `parts` the mixture's element `index` comes from."""
+  def __getitem__(self, index: int) -> dict:
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range for a mixture of {len(self)}")
-    return int(np.searchsorted(self._offsets, index, side="right")) - 1
-
-  def __getitem__(self, index: int) -> dict:
-    part = self.part_of(index)
+    part = int(np.searchsorted(self._offsets, index, side="right")) - 1
     name, source, _ = self.parts[part]
     sample = dict(source[(index - int(self._offsets[part])) % len(source)])
     sample["id"] = f"{name}/{sample['id']}"
