@@ -42,6 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 on_error="raise")
   c.input = dict(
       batch_size=16, num_workers=8,
+      # Batches made at once, and ready batches held, per worker (bounds host memory).
+      read_threads=16, prefetch_batches=16,
       # Each side resized to [512, 768] independently, crop 512, flips, rot90, JPEG 50-100
       # (p 0.9), RGB shift +-20 (p 0.3); MIML soft masks: < 8 pristine, > 192 tampered.
       augment=dict(crop_size=512, resize_range=(1.0, 1.5), hflip=0.5, vflip=0.5, rot90=0.5,

@@ -26,6 +26,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 on_error="raise")
   c.input = dict(
       batch_size=8, num_workers=0,
+      # Batches made at once, and ready batches held (bounds host memory).
+      read_threads=16, prefetch_batches=16,
       augment=dict(crop_size=128, resize_range=(1.0, 1.0), hflip=0.5, vflip=0.5, rot90=0.5,
                    # Recompression would wash out the faint traces a tiny model learns first.
                    jpeg_prob=0.0, jpeg_quality=(70, 100), rgb_shift_prob=0.3, rgb_shift=10,

@@ -43,6 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 on_error="raise")
   c.input = dict(
       batch_size=256, num_workers=16,
+      # Batches made at once, and ready batches held, per worker (bounds host memory: each
+      # holds this host's 256 / num_hosts crops).
+      read_threads=16, prefetch_batches=8,
       augment=dict(crop_size=512, resize_range=(1.0, 1.5), hflip=0.5, vflip=0.5, rot90=0.5,
                    jpeg_prob=0.9, jpeg_quality=(50, 100), rgb_shift_prob=0.3, rgb_shift=20,
                    mask_low=8, mask_high=192))

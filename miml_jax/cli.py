@@ -6,6 +6,7 @@
   qes      the quality evaluation score of soft masks
   data     build TFDS datasets (datasets/) and look at any data source
   convert  official PyTorch / safetensors / npz weights -> a miml-jax init file (--init)
+  demo     a local web page: upload an image, see each model's heatmap, mask and score
 
 Every command that computes numbers prints them as one JSON object on stdout with --json
 (progress goes to stderr). Bad input ends with a one-line `error: ...` naming the file or key
@@ -16,6 +17,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import sys
 
 from miml_jax.errors import UserInputError
@@ -77,16 +79,19 @@ def _is_main_process() -> bool:
 
 
 def _json_result(result: dict) -> dict:
-  return {"summary": result["summary"], "trivial": result["trivial"],
-          "unreadable_skipped": result["unreadable_skipped"],
-          "threshold": result["threshold"], "resize": result["resize"]}
+  return {key: result[key] for key in ("summary", "trivial", "conventions", "image_level",
+                                       "unreadable_skipped", "threshold", "resize")
+          if key in result}
 
 
 # ---- eval ------------------------------------------------------------------------------------
 def cmd_eval(args, overrides):
-  from miml_jax import evaluate, sharding
+  import jax
+  from miml_jax import evaluate, perturb, report, sharding
   from miml_jax.input import sources
   main_process = _is_main_process()
+  points = perturb.parse(args.perturb or [])
+  conventions = evaluate.parse_conventions(args.conventions) if args.conventions else None
   if args.out and main_process:
     _prepare_out_dir(args.out, args.overwrite)
   config, model, variables, step = _load_for_inference(args, overrides)
@@ -103,23 +108,49 @@ def cmd_eval(args, overrides):
                                seed=config.data.seed,
                                on_error=config.data.get("on_error", "raise"))
   # Every device of every process runs the model; each batch is split over them.
+  mesh = sharding.make_mesh(None)
+  predictor = evaluate.make_predictor(model, variables, config, mesh)
   result = evaluate.evaluate(model, variables, config, source,
                              out_dir=args.out if main_process else None, limit=args.limit,
-                             mesh=sharding.make_mesh(None))
+                             predictor=predictor, conventions=conventions,
+                             extremes=args.pictures if args.out else 0)
+  sweep = evaluate.robustness(model, variables, config, source, points, clean=result,
+                              limit=args.limit, predictor=predictor,
+                              log=lambda m: print(m, file=sys.stderr)) if points else None
   if not main_process:
     return
-  result.update(checkpoint=_weights_name(args), step=step, data=data)
+  devices = jax.devices()
+  result.update(checkpoint=_weights_name(args), step=step, data=data,
+                devices=f"{len(devices)} x {devices[0].device_kind}")
+  if sweep:
+    result["robustness"] = sweep
   if args.out:
+    pictures = result.pop("pictures", {})
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
       json.dump(result, f, indent=2, default=float)
-    with open(os.path.join(args.out, "per_image.csv"), "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=list(result["per_image"][0]))
-      writer.writeheader()
-      writer.writerows(result["per_image"])
+    _write_csv(os.path.join(args.out, "per_image.csv"), result["per_image"])
+    _write_csv(os.path.join(args.out, "per_image_detection.csv"), result["per_image_detection"])
+    if sweep:
+      _write_csv(os.path.join(args.out, "robustness.csv"), sweep)
+    command = "miml-jax " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if args.argv is None
+                                                              else args.argv))
+    report.write(args.out, dict(result, pictures=pictures), command, sweep)
+  human = (f"{data} @ {'step ' + str(step) if step is not None else result['checkpoint']}\n"
+           + evaluate.format_table(result))
+  if sweep:
+    human += "\n" + evaluate.format_robustness(sweep)
+  if args.out:
+    human += f"\nreport: {os.path.join(args.out, 'report.md')}"
   _emit(args, {"checkpoint": result["checkpoint"], "step": step, "data": data,
-               **_json_result(result)},
-        f"{data} @ {'step ' + str(step) if step is not None else result['checkpoint']}\n"
-        + evaluate.format_table(result))
+               **_json_result(result), **({"robustness": sweep} if sweep else {})}, human)
+
+
+def _write_csv(path: str, rows: list[dict]):
+  fields = list(dict.fromkeys(key for row in rows for key in row))
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
 
 
 def _load_for_inference(args, overrides):
@@ -173,7 +204,10 @@ def _float_arg(flag: str, text: str) -> float:
 
 # ---- predict ---------------------------------------------------------------------------------
 def cmd_predict(args, overrides):
-  from miml_jax import predict
+  from miml_jax import evaluate, predict
+  # None: the official per-image rule from the image head, as eval's --threshold image_head.
+  fixed_threshold = (None if args.threshold == "image_head"
+                     else _float_arg("--threshold", args.threshold))
   paths = predict.expand_inputs(args.inputs)
   config, model, variables, _ = _load_for_inference(args, overrides)
   if not args.overwrite:
@@ -181,7 +215,8 @@ def cmd_predict(args, overrides):
   predictor = predict.Predictor(model, variables, config, batch_size=1, resize=args.resize)
   records = []
   for sample, prob, image_prob in predictor.predict(predict.ImageFiles(paths)):
-    threshold = float(args.threshold)
+    threshold = (evaluate.image_head_threshold(image_prob) if fixed_threshold is None
+                 else fixed_threshold)
     record = predict.write_prediction(args.out, sample, prob, image_prob, threshold)
     if args.qes:
       from miml_jax import qes
@@ -190,7 +225,7 @@ def cmd_predict(args, overrides):
     if not args.json:
       score = f"  image score {record['image_score']:.3f}" if "image_score" in record else ""
       print(f"{record['image']}: {100 * record['tampered_fraction']:.1f}% tampered at "
-            f"{threshold}{score} -> {record['files']['overlay']}")
+            f"{threshold:.3g}{score} -> {record['files']['overlay']}")
   predict.dump_json(os.path.join(args.out, "predictions.json"), records)
   if args.json:
     print(json.dumps({"predictions": records}))
@@ -208,6 +243,21 @@ def cmd_qes(args, overrides):
                   for r in records))
 
 
+# ---- demo ------------------------------------------------------------------------------------
+def cmd_demo(args, overrides):
+  from miml_jax import demo
+  demo.require_gradio()  # Before loading models: a missing extra should not cost a load first.
+  models = demo.load_models(args.model or [], args.init, args.config, overrides,
+                            resize=args.resize)
+  url = f"http://{args.host}:{args.port}"
+  _emit(args, {"url": url, "models": [{"name": m.name, "source": m.source,
+                                        "model": m.model_name, "step": m.step} for m in models]},
+        f"loaded {', '.join(m.name for m in models)}; open {url} (Ctrl+C stops)")
+  sys.stdout.flush()
+  demo.serve(models, host=args.host, port=args.port, max_pixels=args.max_pixels,
+             threshold=args.threshold)
+
+
 # ---- data ------------------------------------------------------------------------------------
 def cmd_data(args, overrides):
   if args.data_command == "build":
@@ -222,26 +272,48 @@ def cmd_data(args, overrides):
 
 
 def _data_show(args, overrides):
-  """A contact sheet: each example as stored (mask outlined) and as training sees it."""
+  """A contact sheet: each example as stored (mask outlined) and as training sees it.
+
+  An example of a source that makes forgeries from COCO (coco:, coco_splice:, coco_copymove:,
+  alone or in a mixture) shows three panels instead: the host crop before, the forgery after
+  (mask outlined) and the training crop. Such a sheet repeats pixels rather than resampling
+  them, so the paste's seam stays visible.
+  """
   import numpy as np
   from miml_jax import visualize
-  from miml_jax.input import sources, transforms
+  from miml_jax.input import coco, instance_forgery, sources, transforms
   config = _parse_config(args.config, overrides)
   if os.path.exists(args.out) and not args.overwrite:
     raise UserInputError(f"{args.out}: exists; choose another --out or pass --overwrite")
   source = sources.make_source(args.source, args.split, image_size=config.data.image_size,
                                seed=config.data.seed)
+  parts = source.parts if isinstance(source, sources.MixtureSource) else [("", source, 1)]
+  for _, part, _ in parts:  # Their samples also hold the crop before the forgery.
+    if isinstance(part, coco.ObjectJitterSource):
+      part.transform.keep_host = True
+    elif isinstance(part, instance_forgery.InstanceForgerySource):
+      part.keep_host = True
   augment = transforms.AugmentConfig.from_config(config.input.augment)
   rng = np.random.default_rng(config.seed)
-  rows = []
+  rows, ids, jittered, authentic = [], [], 0, 0
   for index in rng.permutation(len(source))[:args.num]:
     sample = source[int(index)]
     image, label = transforms.train_augment(sample["image"], sample["mask"], rng, augment)
-    rows.append(visualize.sample_row(sample, image, label))
-  visualize.save(args.out, visualize.contact_sheet(rows))
-  _emit(args, {"source": args.source, "examples": len(source), "shown": len(rows),
+    ids.append(str(sample.get("id", "")))
+    if "host_image" in sample:
+      rows.append(visualize.jitter_row(sample, image, label))
+      jittered += 1
+      authentic += not sample["mask"].any()
+    else:
+      rows.append(visualize.sample_row(sample, image, label))
+  sheet = visualize.pixel_sheet(rows) if jittered else visualize.contact_sheet(rows)
+  visualize.save(args.out, sheet)
+  note = (f" ({jittered} forgery rows: before | after | training crop; {authentic} found "
+          f"no object and stayed authentic)" if jittered else "")
+  _emit(args, {"source": args.source, "examples": len(source), "shown": len(rows), "ids": ids,
+               "object_jitter_rows": jittered, "object_jitter_authentic": authentic,
                "out": os.path.abspath(args.out)},
-        f"{args.source}: {len(source)} examples; {len(rows)} shown in {args.out}")
+        f"{args.source}: {len(source)} examples; {len(rows)} shown in {args.out}{note}")
 
 
 # ---- convert ---------------------------------------------------------------------------------
@@ -302,20 +374,35 @@ def build_parser() -> argparse.ArgumentParser:
 
   _add_multihost_args(train)
 
-  ev = add("eval", "score a checkpoint on a dataset (MIML protocol)",
-           "Scores a checkpoint on tampered images: per-image IoU / P / R / F1 (and means),\n"
-           "pooled versions, pixel AUC, next to the all-zero and all-one predictors.\nPrints "
-           "a table (or JSON). With --out DIR also writes metrics.json, per_image.csv and\n"
-           "predictions.png there (DIR must be new or empty unless --overwrite).")
+  ev = add("eval", "score a checkpoint on a dataset (MIML protocol and the others)",
+           "Scores a checkpoint: per-image IoU / P / R / F1 over manipulated images (and means),\n"
+           "pooled versions, pixel AUC per image and pooled, next to the all-zero and all-one\n"
+           "predictors (the MIML protocol); the other conventions of EVALUATION.md, each under\n"
+           "its own name (--conventions); image-level AUC / accuracy / balanced accuracy when\n"
+           "authentic images are present; robustness sweeps (--perturb). Prints tables (or\n"
+           "JSON). With --out DIR also writes report.md (with curves, histograms, best / worst\n"
+           "images and robustness curves), metrics.json, per_image.csv,\n"
+           "per_image_detection.csv, robustness.csv and predictions.png (DIR must be new or\n"
+           "empty unless --overwrite).")
   _add_weights_args(ev)
   _add_multihost_args(ev)
   ev.add_argument("--data", help="data source: synthetic | folder:/path (MIML layout imgs/ "
-                  "masks/) | tfds:NAME/CONFIG | coco:/path | a '+' mixture; default: the "
-                  "config's validation source")
-  ev.add_argument("--threshold", help="a number, or image_head (clamp(1 - p, 0.3, 0.7))")
+                  "masks/) | benco:/path (IMDLBenCo Tp/ Gt/ folders, or a JSON list) | "
+                  "tfds:NAME/CONFIG | coco:/path | a '+' mixture; default: the config's "
+                  "validation source")
+  ev.add_argument("--threshold", help="headline threshold: a number, or image_head "
+                  "(clamp(1 - p, 0.3, 0.7))")
   ev.add_argument("--resize", choices=("none", "miml"), help="test-time resize rule")
+  ev.add_argument("--conventions", help="other conventions to score: all (default), none, or "
+                  "a comma-separated subset of fixed_0.5, best_per_image, "
+                  "best_per_image_inverse, trufor_fixed_0.5, trufor_best")
+  ev.add_argument("--perturb", action="append", metavar="KIND:V1,V2,...",
+                  help="robustness sweep, repeatable: jpeg:50,70,90 | blur:3,7,11 | "
+                  "noise:3,7 | resize:0.5,0.75 (one evaluation per value)")
+  ev.add_argument("--pictures", type=int, default=4,
+                  help="best and worst images shown in the report (default 4 each)")
   ev.add_argument("--limit", type=int, help="score only the first N images")
-  ev.add_argument("--out", help="directory for metrics.json, per_image.csv, predictions.png")
+  ev.add_argument("--out", help="directory for report.md, metrics.json, CSVs and pictures")
   ev.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
 
   pr = add("predict", "heatmaps and masks for images or folders",
@@ -327,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
   pr.add_argument("inputs", nargs="+", help="image files or folders")
   _add_weights_args(pr)
   pr.add_argument("--out", default="predictions", help="output directory (default predictions)")
-  pr.add_argument("--threshold", type=float, default=0.5, help="binarisation threshold")
+  pr.add_argument("--threshold", default="0.5", help="binarisation threshold: a number "
+                  "(default 0.5), or image_head (clamp(1 - p, 0.3, 0.7) per image)")
   pr.add_argument("--resize", choices=("none", "miml"), default="none")
   pr.add_argument("--qes", action="store_true", help="also report QES of each prediction")
   pr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -355,7 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
       "TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets")),
                      help="where to write (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
   build.add_argument("--builders", help="the folder of builders (default ./datasets)")
-  show = data_commands.add_parser("show", help="contact sheet of a data source")
+  show = data_commands.add_parser(
+      "show", help="contact sheet of a data source",
+      description="Writes a PNG of examples of any data source (or mixture): each as stored, "
+      "its mask outlined, next to the crop training sees (tampered red, ignored grey). An "
+      "Object Jitter example (coco:PATH) shows the host crop before jitter, the forgery after "
+      "it with its mask outlined, and the training crop. With --json: the shown ids, in row "
+      "order.")
   show.add_argument("source", help="a data source string: tfds:NAME/CONFIG, folder:PATH, ...")
   show.add_argument("--out", required=True, help="the PNG to write")
   show.add_argument("--num", type=int, default=12, help="examples to show (default 12)")
@@ -365,6 +459,29 @@ def build_parser() -> argparse.ArgumentParser:
   show.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   for sub in (build, show):
     sub.add_argument("--json", action="store_true", help="print the result as JSON")
+
+  dm = add("demo", "a local web page: upload an image, see each model's heatmap and mask",
+           "Loads every --model (and --init) once, then serves a page at http://HOST:PORT where "
+           "you\nupload an image and see, per model side by side: heatmap, overlay, binary "
+           "mask at a\nthreshold slider (re-thresholds without re-running the model), a PNG "
+           "download of the mask,\nand the image-level score of models with an image head. "
+           "Needs the demo extra:\npip install \"miml-jax[demo]\". A model that fails to "
+           "load stops it before serving.")
+  dm.add_argument("--model", action="append", metavar="NAME=PATH",
+                  help="a model to show: NAME on the page, PATH a training workdir, W/best or "
+                  "W/checkpoints/STEP (repeat for several)")
+  dm.add_argument("--init", metavar="[NAME=]FILE",
+                  help="also show the model of an init file of `miml-jax convert` (needs "
+                  "--config)")
+  dm.add_argument("--config", help="with --init: experiments/NAME.py[:arg] of its model")
+  dm.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+  dm.add_argument("--host", default="127.0.0.1",
+                  help="address to serve on (default 127.0.0.1: this machine only)")
+  dm.add_argument("--max-pixels", type=int, default=4096 * 4096,
+                  help="refuse uploads with more pixels (default 4096*4096)")
+  dm.add_argument("--threshold", type=float, default=0.5, help="initial threshold (default 0.5)")
+  dm.add_argument("--resize", choices=("none", "miml"), default="none",
+                  help="test-time resize rule, as for predict (default none)")
 
   cv = add("convert", "official weights -> a miml-jax init file",
            "Reads a PyTorch .pth/.pt/.bin (needs torch), .safetensors or .npz state_dict, maps "
@@ -400,12 +517,13 @@ def _enable_compilation_cache():
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "qes": cmd_qes,
-            "data": cmd_data, "convert": cmd_convert}
+            "data": cmd_data, "convert": cmd_convert, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
+  args.argv = argv  # What report.md records as the command (None: sys.argv).
   overrides = _split_overrides(extra, parser)
   # grain 0.2.x multiprocess workers read absl flags; mark them parsed (STACK.md).
   from absl import flags

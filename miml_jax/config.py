@@ -7,6 +7,7 @@ not silently train something else).
 """
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import os
@@ -95,3 +96,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
 
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def settings_from_config(cls, config, prefix: str):
+  """A frozen dataclass of settings (AugmentConfig, ObjectJitterConfig, ...) from a dict or
+  ConfigDict. An unknown key is an error naming it, since a typo would silently do nothing;
+  lists (ConfigDicts hold tuples as lists) become tuples."""
+  fields = {f.name for f in dataclasses.fields(cls)}
+  values = dict(config)
+  for key in values:
+    if key not in fields:
+      raise UserInputError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(fields))})")
+  return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()})

@@ -22,6 +22,7 @@ per image for AUC and would otherwise recompile for every new image size.
 from collections.abc import Sequence
 import math
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,6 +228,9 @@ class MetricAccumulator:
       valid: optional (H, W) boolean mask of the pixels to count (padding is False).
       name: kept in `per_image()` and used in error messages.
 
+    Returns:
+      This image's row of `per_image()`.
+
     Raises:
       UserInputError: naming the image, when shapes disagree or prob has values outside [0, 1]
         or non-finite values on counted pixels.
@@ -264,6 +268,7 @@ class MetricAccumulator:
     row.update({key: float(value) for key, value in scores.items()})
     row["auc"] = _auc_flat(prob, gt)
     self._rows.append(row)
+    return dict(row)
 
   def add_batch(self, probs, gts, threshold=DEFAULT_THRESHOLD, valid=None,
                 names: Sequence[str] | None = None):
@@ -304,6 +309,22 @@ class MetricAccumulator:
     """One dict per added image: name, iou, precision, recall, f1, auc (NaN if undefined)."""
     return [dict(row) for row in self._rows]
 
+  def pooled_curves(self) -> dict:
+    """Pooled pixel precision-recall and ROC curves from the AUC histograms.
+
+    Point k predicts the pixels whose probability falls in bin k or above (prob >= k / num_bins,
+    up to the bins' quantisation), k = num_bins .. 0, so recall grows along the arrays.
+    Returns {'threshold', 'precision', 'recall', 'fpr'} as float64 arrays.
+    """
+    tp = np.cumsum(self._pos_hist[::-1])[::-1].astype(np.float64)
+    fp = np.cumsum(self._neg_hist[::-1])[::-1].astype(np.float64)
+    tp, fp = np.r_[tp, 0.0][::-1], np.r_[fp, 0.0][::-1]
+    num_pos, num_neg = max(tp[-1], 1.0), max(fp[-1], 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+      precision = np.where(tp + fp > 0, tp / (tp + fp), 1.0)
+    return {"threshold": np.arange(self.num_bins, -1, -1) / self.num_bins,
+            "precision": precision, "recall": tp / num_pos, "fpr": fp / num_neg}
+
 
 def trivial_predictor_scores(gts: Sequence[np.ndarray],
                              num_bins: int = DEFAULT_NUM_BINS) -> dict[str, dict]:
@@ -323,3 +344,111 @@ def trivial_predictor_scores(gts: Sequence[np.ndarray],
       accumulator.add(np.full(gt.shape, value, np.float32), gt)
     result[key] = accumulator.summary()
   return result
+
+
+# ---- Other conventions (EVALUATION.md) ---------------------------------------------------------
+# Third-party papers score the same maps differently; each rule below is one named convention,
+# reported under its own name by evaluate.py and never folded into the protocol's numbers.
+
+
+def border_band(gt, erode: int = 15, dilate: int = 11) -> tuple[np.ndarray, np.ndarray]:
+  """TruFor's exclusion of the uncertain band around mask boundaries.
+
+  Positives that count are the ground truth eroded by an `erode` x `erode` square; negatives that
+  count lie outside the ground truth dilated by a `dilate` x `dilate` square; pixels between are
+  not scored. Borders reflect (scipy.ndimage's minimum/maximum_filter default, which TruFor's
+  scoring script uses).
+
+  Returns:
+    (valid, positives): boolean (H, W) arrays; `positives` is the eroded ground truth.
+  """
+  for name, size in (("erode", erode), ("dilate", dilate)):
+    if size < 1 or size % 2 == 0:
+      raise UserInputError(f"border band: {name} size must be odd and >= 1, got {size}")
+  gt = (np.asarray(gt) > 0).astype(np.uint8)
+  positives = cv2.erode(gt, np.ones((erode, erode), np.uint8),
+                        borderType=cv2.BORDER_REFLECT).astype(bool)
+  negatives = ~cv2.dilate(gt, np.ones((dilate, dilate), np.uint8),
+                          borderType=cv2.BORDER_REFLECT).astype(bool)
+  return positives | negatives, positives
+
+
+def best_threshold_scores(prob, gt, valid=None, inverse: bool = False) -> dict:
+  """Per-image "oracle" scores: IoU / P / R / F1 at the threshold that maximises F1 on this image.
+
+  Every threshold is tried (pred = prob > t for each distinct value, and all-positive), exactly,
+  from one sort. IoU = F1 / (2 - F1) on counts, so the same threshold maximises both. With
+  `inverse`, the complement (1 - map) competes too and the better of the two is kept, as TruFor
+  scores maps whose polarity a model may have learnt either way. Formulas are the protocol's
+  (`scores_from_counts`).
+
+  Returns:
+    {'iou', 'precision', 'recall', 'f1', 'threshold', 'inverted'}: Python numbers; threshold t
+    means pred = prob > t (for the inverted map, pred = prob <= t).
+  """
+  prob, gt = np.asarray(prob, np.float64), np.asarray(gt) > 0
+  if valid is not None:
+    valid = np.asarray(valid, bool)
+    prob, gt = prob[valid], gt[valid]
+  prob, gt = prob.ravel(), gt.ravel()
+  if prob.size == 0:
+    return {"iou": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "threshold": math.nan,
+            "inverted": False}
+  order = np.argsort(-prob, kind="stable")
+  values, positive = prob[order], gt[order]
+  # Cutting after position i predicts every pixel with a value >= values[i]; only the last
+  # position of a run of equal values is a valid cut. Cut 0: nothing predicted.
+  ends = np.flatnonzero(np.r_[values[1:] < values[:-1], True])
+  tp = np.r_[0, np.cumsum(positive)[ends]].astype(np.float64)
+  fp = np.r_[0, np.cumsum(~positive)[ends]].astype(np.float64)
+  thresholds = np.r_[values[0], values[ends[:-1] + 1], np.nextafter(values[-1], -np.inf)]
+  num_pos, num_neg = float(positive.sum()), float((~positive).sum())
+  fn, tn = num_pos - tp, num_neg - fp
+  candidates = [(scores_from_counts(tp, fp, fn), False)]
+  if inverse:  # The complement predicts what the map leaves out: tp <-> fn, fp <-> tn.
+    candidates.append((scores_from_counts(fn, tn, tp), True))
+  best = None
+  for scores, inverted in candidates:
+    k = int(np.argmax(scores["f1"]))
+    if best is None or scores["f1"][k] > best["f1"]:
+      best = {key: float(value[k]) for key, value in scores.items()}
+      best.update(threshold=float(thresholds[k]), inverted=inverted)
+  return best
+
+
+def fixed_threshold_scores(prob, gt, threshold: float, valid=None, inverse: bool = False) -> dict:
+  """IoU / P / R / F1 of prob > threshold on the valid pixels; with `inverse`, the better of the
+  map and its complement (TruFor's fixed-threshold F1)."""
+  prob, gt = np.asarray(prob), np.asarray(gt) > 0
+  if valid is not None:
+    valid = np.asarray(valid, bool)
+    prob, gt = prob[valid], gt[valid]
+  pred = prob > threshold
+  tp, fp = float(np.sum(pred & gt)), float(np.sum(pred & ~gt))
+  fn, tn = float(np.sum(~pred & gt)), float(np.sum(~pred & ~gt))
+  best = dict(scores_from_counts(tp, fp, fn), inverted=False)
+  if inverse:
+    flipped = scores_from_counts(fn, tn, tp)
+    if flipped["f1"] > best["f1"]:
+      best = dict(flipped, inverted=True)
+  return best
+
+
+def detection_scores(scores, labels, threshold: float = 0.5) -> dict:
+  """Image-level detection: ROC AUC (ties 1/2, as sklearn), accuracy and balanced accuracy of
+  score > threshold, with label 1 = manipulated. NaN where a class is missing."""
+  scores = np.asarray(scores, np.float64)
+  labels = np.asarray(labels).astype(bool)
+  if scores.shape != labels.shape or scores.ndim != 1:
+    raise ValueError(f"scores {scores.shape} and labels {labels.shape}: expected two 1-D arrays "
+                     f"of one length")
+  if not np.all(np.isfinite(scores)):
+    raise UserInputError(f"image scores: {_value_range(scores)}")
+  pred = scores > threshold
+  tpr = float(np.mean(pred[labels])) if labels.any() else math.nan
+  tnr = float(np.mean(~pred[~labels])) if (~labels).any() else math.nan
+  return {"auc": _auc_flat(scores, labels) if scores.size else math.nan,
+          "accuracy": float(np.mean(pred == labels)) if scores.size else math.nan,
+          "balanced_accuracy": (tpr + tnr) / 2, "tpr": tpr, "tnr": tnr,
+          "num_manipulated": int(labels.sum()), "num_authentic": int((~labels).sum()),
+          "threshold": float(threshold)}

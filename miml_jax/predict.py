@@ -44,6 +44,12 @@ class Predictor:
       raise UserInputError(f"resize '{resize}': expected 'none' or 'miml'")
     self.batch_size = batch_size
     self.resize = resize
+    # Padding granularity: 32 (the model's stride) by default; eval.pad_multiple = 128 or 256
+    # gives data of many sizes fewer shapes to compile, at the cost of more padding.
+    self.pad_multiple = int(config.get("eval", {}).get("pad_multiple", 32))
+    if self.pad_multiple < 32 or self.pad_multiple % 32:
+      raise UserInputError(f"eval.pad_multiple={self.pad_multiple}: expected a multiple of 32 "
+                           f"(the model's output stride)")
     self.mesh = mesh
     dtype = jnp.dtype(config.model.get("dtype", "float32"))
 
@@ -91,7 +97,8 @@ class Predictor:
     """Yields (sample, prob (H, W) float32, image_prob float or nan), samples in source order
     within each padded shape."""
     prepared = _Resized(source, self._target_size)
-    for batch in pipeline.eval_batches(prepared, self.batch_size, limit=limit):
+    for batch in pipeline.eval_batches(prepared, self.batch_size, self.pad_multiple,
+                                       limit=limit):
       delta, image_prob = jax.device_get(
           self._infer(self.variables, self._put(batch["image"])))
       for row, sample in enumerate(batch["samples"]):

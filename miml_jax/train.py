@@ -226,7 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = iter(pipeline.train_dataset(
       train_source, batch_size=global_batch, augment=augment, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(), start_step=start,
-      num_workers=config.input.num_workers))
+      num_workers=config.input.num_workers, read_threads=config.input.get("read_threads", 16),
+      prefetch_batches=config.input.get("prefetch_batches", 16)))
 
   def next_batch():
     local = next(train_iter)
@@ -317,8 +318,9 @@ def _evaluate(predictor, model, model_vars, config, source, workdir, step, write
   """Scores the validation source on every device (all processes) and logs it; keeps the best."""
   t = time.time()
   pictures = write_pictures and jax.process_index() == 0
+  # The headline only: the other conventions belong to `miml-jax eval`, not every validation.
   result = evaluate.evaluate(model, model_vars, config, source, predictor=predictor,
-                             out_dir=workdir if pictures else None)
+                             out_dir=workdir if pictures else None, conventions=())
   predictor.set_variables(None)
   summary = result["summary"]
   log(f"validation @ step {step}: IoU {summary['iou']:.4f}  P {summary['precision']:.4f}  "

@@ -60,11 +60,7 @@ def sample_row(sample: dict, crop: np.ndarray, label: np.ndarray) -> np.ndarray:
   stored = _label(outline(image, mask > 0, color=(255, 0, 0)),
                   f"{os.path.basename(str(sample.get('id', '')))} {image.shape[1]}x"
                   f"{image.shape[0]}")
-  seen = crop.astype(np.float32)
-  for value, color in ((1, (255, 0, 0)), (255, (128, 128, 128))):
-    where = label == value
-    seen[where] = seen[where] * 0.5 + np.array(color, np.float32) * 0.5
-  seen = _label(np.round(seen).astype(np.uint8), "training crop")
+  seen = _label(_tinted_labels(crop, label), "training crop")
   height = stored.shape[0]
   scaled = cv2.resize(seen, (max(1, round(seen.shape[1] * height / seen.shape[0])), height),
                       interpolation=cv2.INTER_NEAREST)
@@ -113,3 +109,53 @@ def plot_history(jsonl_path: str, png_path: str):
 def save(path: str, image: np.ndarray):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   io.write_image(path, image)
+
+
+def _tinted_labels(crop: np.ndarray, label: np.ndarray) -> np.ndarray:
+  """A training crop with tampered (1) pixels tinted red and ignored (255) ones grey."""
+  seen = crop.astype(np.float32)
+  for value, color in ((1, (255, 0, 0)), (255, (128, 128, 128))):
+    where = label == value
+    seen[where] = seen[where] * 0.5 + np.array(color, np.float32) * 0.5
+  return np.round(seen).astype(np.uint8)
+
+
+def jitter_row(sample: dict, crop: np.ndarray, label: np.ndarray) -> np.ndarray:
+  """[host crop before | the forgery after it, mask outlined | training crop].
+
+  For a sample of a `coco:` (Object Jitter), `coco_splice:` or `coco_copymove:` source read with
+  `keep_host` ('host_image' holds the crop before the forgery). The first two panels are
+  unscaled and differ only where the object was pasted (its mask, outlined in red, and for
+  Object Jitter the soft alpha just around it), so a person can check the forgery by eye; a
+  sample where no object qualified (authentic fallback) says so.
+  """
+  host, forged, mask = sample["host_image"], sample["image"], sample["mask"] > 0
+  before = _label(host, f"{os.path.basename(str(sample.get('id', '')))} before")
+  after = _label(outline(forged, mask, color=(255, 0, 0)),
+                 f"after {sample.get('kind', 'jitter')}" if mask.any()
+                 else "no object: authentic")
+  seen = _label(_tinted_labels(crop, label), "training crop")
+  height = host.shape[0]
+  scaled = cv2.resize(seen, (max(1, round(seen.shape[1] * height / seen.shape[0])), height),
+                      interpolation=cv2.INTER_NEAREST)
+  return np.concatenate([before, after, scaled], axis=1)
+
+
+def pixel_sheet(rows: list[np.ndarray], width: int = 1024, max_width: int = 2048) -> np.ndarray:
+  """Stacks rows vertically, each enlarged by a whole factor (pixel repetition) to about `width`.
+
+  Unlike `contact_sheet`, which resamples every row to one width, a row is only ever repeated
+  pixel for pixel (a row wider than `max_width` is shrunk to it), so seams a pixel wide, such as
+  Object Jitter's, stay visible. Narrower rows are padded with black on the right.
+  """
+  scaled = []
+  for row in rows:
+    if row.shape[1] > max_width:
+      height = max(1, round(row.shape[0] * max_width / row.shape[1]))
+      scaled.append(cv2.resize(row, (max_width, height), interpolation=cv2.INTER_AREA))
+    else:
+      factor = max(1, width // row.shape[1])
+      scaled.append(np.repeat(np.repeat(row, factor, axis=0), factor, axis=1))
+  sheet_width = max(row.shape[1] for row in scaled)
+  return np.concatenate(
+      [np.pad(row, ((0, 0), (0, sheet_width - row.shape[1]), (0, 0))) for row in scaled], axis=0)

@@ -71,8 +71,12 @@ def test_mimlv2_builds_and_reads_back_like_the_folder(tmp_path, capsys):
 
 
 def test_build_errors_name_the_problem(tmp_path, capsys):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "README").write_text("not a dataset")
   cases = [
       (["data", "build", "nosuch", "--manual-dir", str(tmp_path)], "no dataset 'nosuch'"),
+      (["data", "build", "mimlv2", "--config", "miml_part2", "--manual-dir",
+        str(tmp_path / "empty")], "--manual-dir is empty; Put each release in the MIML layout"),
       (["data", "build", "mimlv2", "--config", "part9", "--manual-dir", str(tmp_path)],
        "--config must be one of miml_part1"),
       (["data", "build", "mimlv2", "--config", "miml_part2", "--manual-dir", str(tmp_path)],

@@ -16,18 +16,8 @@ import pytest
 
 from miml_jax import cli, io
 from miml_jax.input import synthetic
+from tiny_run import QUICKSTART, TINY
 
-QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "experiments", "quickstart.py")
-TINY = [
-    "--config.data.image_size=64", "--config.input.augment.crop_size=64",
-    "--config.input.batch_size=4", "--config.data.train=synthetic:16",
-    "--config.data.validation=synthetic:6", "--config.model.backbone.dims=(8,16,16,16)",
-    "--config.model.head.channels=8", "--config.model.head.feat0_channels=8",
-    "--config.model.head.kernel_gen_dims=(4,4,4,4,4)", "--config.model.head.kernel_gen_size=16",
-    "--config.model.head.image_head_dims=(8,8,8)", "--config.loss.ohem_min_kept=1000",
-    "--config.train.log_every=1", "--config.train.checkpoint_every=2",
-    "--config.train.eval_every=0", "--config.eval.batch_size=4", "--config.eval.num_pictures=2",
-]
 
 
 def run(capsys, *argv):
@@ -137,6 +127,71 @@ def test_eval_on_folder_with_image_head_threshold(trained, tmp_path, capsys):
   assert result["summary"]["num_images"] == 3 and result["threshold"] == "image_head"
 
 
+def test_eval_report_on_benco_layouts_with_robustness(trained, tmp_path, capsys):
+  """IMDLBenCo's Tp/Gt folders and JSON list (with authentic images), every convention, the
+  image-level scores, a robustness sweep and the Markdown report with its pictures."""
+  data = synthetic.SyntheticForgeries("validation", num_examples=4, image_size=64, seed=7)
+  os.makedirs(tmp_path / "b" / "Tp")
+  os.makedirs(tmp_path / "b" / "Gt")
+  entries = []
+  for index in range(len(data)):
+    sample = data[index]
+    io.write_image(str(tmp_path / "b" / "Tp" / f"{index}.png"), sample["image"])
+    io.write_image(str(tmp_path / "b" / "Gt" / f"{index}_gt.png"), sample["mask"] * 255)
+    entries.append([f"b/Tp/{index}.png", f"b/Gt/{index}_gt.png"])
+    authentic = np.ascontiguousarray(sample["image"][::-1])  # Another image, no edit marked.
+    io.write_image(str(tmp_path / "b" / f"au{index}.png"), authentic)
+    entries.append([f"b/au{index}.png", "Negative"])
+  (tmp_path / "list.json").write_text(json.dumps(entries))
+
+  code, out, err = run(capsys, "eval", "--checkpoint", str(trained), "--json",
+                       "--data", f"benco:{tmp_path / 'b'}", "--conventions", "none")
+  assert code == 0, err
+  folder = json.loads(out)
+  assert folder["summary"]["num_images"] == 4 and folder["conventions"] == {}
+
+  report_dir = tmp_path / "report"
+  code, out, err = run(capsys, "eval", "--checkpoint", str(trained), "--json",
+                       "--data", f"benco:{tmp_path / 'list.json'}", "--out", str(report_dir),
+                       "--perturb", "jpeg:60", "--perturb", "resize:0.75", "--pictures", "2")
+  assert code == 0, err
+  result = json.loads(out)
+  # The same four manipulated images as the folder layout, so the same headline.
+  assert result["summary"] == pytest.approx(folder["summary"], rel=1e-6, abs=1e-9)
+  assert set(result["conventions"]) == {"fixed_0.5", "best_per_image", "best_per_image_inverse",
+                                        "trufor_fixed_0.5", "trufor_best"}
+  # The oracle can only do better than any fixed threshold.
+  assert (result["conventions"]["best_per_image"]["f1"]
+          >= result["conventions"]["fixed_0.5"]["f1"] - 1e-9)
+  for score in ("max", "head"):  # The quickstart model has an image head.
+    level = result["image_level"][score]
+    assert level["num_manipulated"] == 4 and level["num_authentic"] == 4
+    assert 0 <= level["auc"] <= 1
+  rows = result["robustness"]
+  assert [(r["kind"], r["value"]) for r in rows] == [
+      ("jpeg", None), ("jpeg", 60), ("resize", None), ("resize", 0.75)]
+  assert rows[0]["iou"] == result["summary"]["iou"]
+  report = (report_dir / "report.md").read_text()
+  for section in ("## Headline", "## Other conventions", "trufor_best", "## Image-level",
+                  "## Robustness", "![curves](curves.png)", "![best](best.png)",
+                  "--perturb jpeg:60"):
+    assert section in report, section
+  for name in ("curves.png", "histograms.png", "best.png", "worst.png", "robustness.png",
+               "metrics.json", "per_image.csv", "per_image_detection.csv", "robustness.csv"):
+    assert (report_dir / name).stat().st_size > 0, name
+  # Two rows of four square tiles (64 x 64 images), each row scaled to 1024 wide.
+  assert io.read_image(str(report_dir / "best.png")).shape[:2] == (2 * 1024 // 4, 1024)
+  assert (report_dir / "per_image_detection.csv").read_text().count("\n") == 9
+
+  # A list naming a file that is not there, and a bad perturbation, are one-line errors.
+  (tmp_path / "bad.json").write_text(json.dumps([["nowhere.png", "Negative"]]))
+  code, _, err = run(capsys, "eval", "--checkpoint", str(trained),
+                     "--data", f"benco:{tmp_path / 'bad.json'}")
+  assert code == 2 and "nowhere.png" in err
+  code, _, err = run(capsys, "eval", "--checkpoint", str(trained), "--perturb", "jpeg:0")
+  assert code == 2 and "quality" in err
+
+
 def test_predict_cli(trained, tmp_path, capsys):
   rng = np.random.default_rng(0)
   images = tmp_path / "in"
@@ -158,6 +213,15 @@ def test_predict_cli(trained, tmp_path, capsys):
                      str(out_dir))
   assert code == 2 and "a_heatmap.png: exists" in err
   assert (out_dir / "a_heatmap.png").read_bytes() == before
+  # The official per-image threshold from the image head, as eval's.
+  code, out, _ = run(capsys, "predict", str(images / "a.png"), "--checkpoint", str(trained),
+                     "--out", str(tmp_path / "head"), "--threshold", "image_head", "--json")
+  assert code == 0
+  record = json.loads(out)["predictions"][0]
+  assert record["threshold"] == pytest.approx(min(0.7, max(0.3, 1 - record["image_score"])))
+  code, _, err = run(capsys, "predict", str(images), "--checkpoint", str(trained),
+                     "--threshold", "half")
+  assert code == 2 and "--threshold half" in err
 
 
 def test_official_weights_convert_then_eval_predict_train(trained, tmp_path, capsys):

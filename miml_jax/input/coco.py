@@ -15,6 +15,13 @@ Masks are decoded without pycocotools:
 - RLE, uncompressed (`counts` a list of run lengths) or compressed (`counts` a str in COCO's
   6-bit, delta-coded variable-length format); both run down columns, starting with a 0 run.
 
+`BuiltCocoInstances` reads the same items from a dataset built by `miml-jax data build
+coco_instances` (datasets/coco_instances): the image file's bytes, and each instance mask as
+CocoInstances decodes it, re-encoded losslessly as a compressed RLE string. Both readers give
+identical items in the same order, so every consumer (Object Jitter, instance_forgery's splicing
+and copy-move) gives identical samples on either. `open_instances` picks the reader from a
+`coco:` source's argument (a folder, or tfds:NAME[@SPLIT]).
+
 `ObjectJitterTransform` turns an item into one training sample: random resize, random crop,
 Object Jitter (see object_jitter.py) on the crop, retried on a fresh crop when it finds no
 object or rejects the result.
@@ -22,6 +29,7 @@ object or rejects the result.
 
 import json
 import os
+import re
 
 import cv2
 import grain
@@ -83,6 +91,15 @@ def rle_to_mask(runs, height: int, width: int) -> np.ndarray:
   return np.repeat(values, runs).reshape(width, height).T.copy()
 
 
+def mask_to_runs(mask: np.ndarray) -> np.ndarray:
+  """(H, W) mask (nonzero = object) -> int64 run lengths, column-major, starting with a 0 run
+  (empty when the first pixel is set): the inverse of rle_to_mask."""
+  flat = np.asarray(mask).T.ravel() != 0
+  edges = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
+  runs = np.diff(edges)
+  return np.concatenate([[0], runs]) if flat.size and flat[0] else runs
+
+
 def polygons_to_mask(polygons, height: int, width: int) -> np.ndarray:
   """COCO polygons ((K, 2) x, y arrays, or flat lists) -> uint8 (H, W) mask in {0, 1}, the union."""
   mask = np.zeros((height, width), np.uint8)
@@ -130,12 +147,35 @@ def _decode(segmentation, height: int, width: int, where: str) -> np.ndarray:
     raise UserInputError(f"{where}: bad RLE: {e}") from e
 
 
+def _load_annotation_file(path: str) -> tuple[list, list]:
+  """The 'images' and 'annotations' lists of a COCO annotation file; errors name the file."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+    images, annotations = data["images"], data["annotations"]
+  except FileNotFoundError as e:
+    raise UserInputError(f"{path}: no such file") from e
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserInputError(f"{path}: not a COCO annotation file "
+                         f"(needs 'images' and 'annotations'): {type(e).__name__}: {e}") from e
+  if not isinstance(images, list) or not isinstance(annotations, list):
+    raise UserInputError(f"{path}: not a COCO annotation file ('images' and 'annotations' must "
+                         f"be lists)")
+  return images, annotations
+
+
+def _id_number(value) -> int:
+  """An id as an int, -1 when it is missing or not an integer (only COCO's are numbers)."""
+  return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
 class CocoInstances:
   """Random-access source of COCO images with their instance masks.
 
   Each item is {'image': uint8 (H, W, 3) RGB, 'instances': uint8 (N, H, W) in {0, 1}, N >= 1,
-  'name': the image's file_name}. Images with no (kept) annotation are left out of the index;
-  `num_skipped` says how many.
+  'name': the image's file_name, 'category_ids', 'annotation_ids' (int64 (N,), -1 where the
+  annotation has no integer one) and 'areas' (int64 (N,), each mask's pixel count)}. Images with no
+  (kept) annotation are left out of the index; `num_skipped` says how many.
   """
 
   def __init__(self, root: str, split_name: str | None = "train",
@@ -163,15 +203,7 @@ class CocoInstances:
                              f"{' and '.join(candidates)})")
       annotation_file = existing[0]
     self.annotation_file = os.fspath(annotation_file)
-    try:
-      with open(self.annotation_file, encoding="utf-8") as f:
-        data = json.load(f)
-      images, annotations = data["images"], data["annotations"]
-    except FileNotFoundError as e:
-      raise UserInputError(f"{self.annotation_file}: no such file") from e
-    except (ValueError, KeyError, TypeError) as e:
-      raise UserInputError(f"{self.annotation_file}: not a COCO annotation file "
-                           f"(needs 'images' and 'annotations'): {type(e).__name__}: {e}") from e
+    images, annotations = _load_annotation_file(self.annotation_file)
     splits = None if split_name is None else {split_name, f"{split_name}2017"}
     by_id = {}
     for image in images:
@@ -184,6 +216,9 @@ class CocoInstances:
             f"width") from e
     per_image = {}
     for annotation in annotations:
+      if not isinstance(annotation, dict):
+        raise UserInputError(
+            f"{self.annotation_file}: annotation {annotation!r:.200} is not a JSON object")
       where = f"{self.annotation_file}: annotation {annotation.get('id')!r}"
       if annotation.get("image_id") not in by_id:
         raise UserInputError(f"{where}: image_id {annotation.get('image_id')!r} is not an image")
@@ -192,10 +227,11 @@ class CocoInstances:
       if not by_id[annotation["image_id"]][3]:
         continue
       per_image.setdefault(annotation["image_id"], []).append(
-          {"id": annotation.get("id"),
+          {"id": annotation.get("id"), "category_id": _id_number(annotation.get("category_id")),
            "segmentation": _compact_segmentation(annotation.get("segmentation"), where)})
     # In the annotation file's image order, so indices do not depend on dict ordering.
     self._records = [(by_id[i][:3], per_image[i]) for i in by_id if i in per_image]
+    self._image_ids = [i for i in by_id if i in per_image]
     self.num_skipped = sum(1 for i, entry in by_id.items() if entry[3] and i not in per_image)
     if not self._records:
       raise UserInputError(f"{self.annotation_file}: no annotated image in split {split_name!r}")
@@ -212,11 +248,23 @@ class CocoInstances:
   def __len__(self) -> int:
     return len(self._records)
 
+  def image_info(self, index: int) -> dict:
+    """Item `index`'s image without reading it: {'path', 'image_id' (-1 if not an integer),
+    'height', 'width'}."""
+    (file_name, height, width), _ = self._records[index]
+    return {"path": os.path.join(self.image_dir, file_name),
+            "image_id": _id_number(self._image_ids[index]), "height": height, "width": width}
+
   def __getitem__(self, index: int) -> dict:
+    return self.read_with_bytes(index)[0]
+
+  def read_with_bytes(self, index: int) -> tuple[dict, bytes]:
+    """Item `index` and its image file's bytes (what the coco_instances builder stores)."""
     (file_name, height, width), annotations = self._records[index]
     path = os.path.join(self.image_dir, file_name)
     # The image first: a broken file is reported before any mask work.
-    image = io.read_image(path)
+    data = io.read_bytes(path)
+    image = io.decode_image(data, path)
     if image.shape[:2] != (height, width):
       raise UserInputError(
           f"{path}: image is {image.shape[1]}x{image.shape[0]} but {self.annotation_file} says "
@@ -224,11 +272,136 @@ class CocoInstances:
     instances = np.stack([
         _decode(a["segmentation"], height, width,
                 f"{self.annotation_file}: annotation {a['id']!r}") for a in annotations])
-    return {"image": image, "instances": instances, "name": file_name}
+    return _item(image, instances, file_name,
+                 [a["category_id"] for a in annotations],
+                 [_id_number(a["id"]) for a in annotations]), data
 
   def __repr__(self) -> str:
     return (f"CocoInstances({self.annotation_file!r}, images={len(self)}, "
             f"skipped={self.num_skipped})")
+
+
+def _item(image: np.ndarray, instances: np.ndarray, name: str, category_ids,
+          annotation_ids) -> dict:
+  """The item both COCO readers return (see CocoInstances)."""
+  return {"image": image, "instances": instances, "name": name,
+          "category_ids": np.asarray(category_ids, np.int64).reshape(-1),
+          "annotation_ids": np.asarray(annotation_ids, np.int64).reshape(-1),
+          "areas": np.array([cv2.countNonZero(m) for m in instances], np.int64)}
+
+
+def find_splits(root: str) -> dict[str, str]:
+  """The splits of a COCO folder, as CocoInstances reads it: {COCO split name: annotation file}.
+
+  root/annotations/instances.json: one entry per value of the images' 'split' field ('train2017'
+  -> 'train') among images with a non-crowd annotation, or {'train': ...} when there is no such
+  field. Otherwise one entry per root/annotations/instances_<split>2017.json (the official
+  layout, images in root/<split>2017/).
+  """
+  root = os.fspath(root)
+  merged = os.path.join(root, "annotations", "instances.json")
+  if os.path.isfile(merged):
+    images, annotations = _load_annotation_file(merged)
+    annotated = {a.get("image_id") for a in annotations
+                 if isinstance(a, dict) and not a.get("iscrowd", 0)}
+    names = set()
+    for image in images:
+      if isinstance(image, dict) and image.get("id") in annotated:
+        name = str(image.get("split", "train"))
+        names.add(name[:-4] if name.endswith("2017") else name)
+    return {name: merged for name in sorted(names)}
+  folder = os.path.join(root, "annotations")
+  found = sorted(name for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+                 if re.fullmatch(r"instances_\w+2017\.json", name))
+  if not found:
+    raise UserInputError(f"{root}: no COCO annotation file (looked for {merged} and "
+                         f"{os.path.join(folder, 'instances_<split>2017.json')})")
+  return {name[len("instances_"):-len("2017.json")]: os.path.join(folder, name) for name in found}
+
+
+class BuiltCocoInstances:
+  """The items of CocoInstances, from a dataset built by datasets/coco_instances.
+
+  `records` is the built split's random-access data source (tfds `as_data_source`), whose
+  examples hold the image file's bytes and each instance as a compressed RLE string; `name` is
+  what errors call the dataset. Items equal CocoInstances' for the folder it was built from.
+  """
+
+  FIELDS = ("image", "id", "height", "width", "instances", "category_ids", "annotation_ids")
+
+  def __init__(self, records, name: str):
+    self._records, self.name = records, name
+    self.num_skipped = 0  # The builder stored only images with instances.
+    if len(records) and any(field not in records[0] for field in self.FIELDS):
+      raise UserInputError(f"{name}: not a coco_instances dataset (its examples lack "
+                           f"{', '.join(f for f in self.FIELDS if f not in records[0])}); build "
+                           f"one with `miml-jax data build coco_instances --manual-dir DIR`")
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict:
+    record = self._records[index]
+    file_name = _text(record["id"])
+    where = f"{self.name}[{file_name}]"
+    image = io.decode_image(record["image"], where + " image")
+    height, width = int(record["height"]), int(record["width"])
+    if image.shape[:2] != (height, width):
+      raise UserInputError(f"{where}: image is {image.shape[1]}x{image.shape[0]}, stored size "
+                           f"{width}x{height} (width x height)")
+    masks = [_decode({"size": (height, width), "counts": _text(counts)}, height, width, where)
+             for counts in record["instances"]]
+    instances = np.stack(masks) if masks else np.zeros((0, height, width), np.uint8)
+    return _item(image, instances, file_name, record["category_ids"], record["annotation_ids"])
+
+  def __repr__(self) -> str:
+    return f"BuiltCocoInstances({self.name!r}, images={len(self)})"
+
+
+def _text(value) -> str:
+  return value.decode("ascii") if isinstance(value, bytes) else str(value)
+
+
+def open_instances(location: str, split: str, open_built=None):
+  """A `coco:` source's host images: CocoInstances of a folder, or BuiltCocoInstances.
+
+  Args:
+    location: a COCO folder, or `tfds:...` naming a built coco_instances dataset.
+    split: the data role's split, 'train' or 'validation'. A folder is read with COCO's name
+      for it ('validation' -> 'val'); a built dataset has splits of the role's names.
+    open_built: for `tfds:...`, a function (argument after 'tfds:', split) -> (records, name)
+      that opens the built split (sources.py passes its TFDS reader's).
+  """
+  if location.startswith("tfds:"):
+    records, name = open_built(location[len("tfds:"):], split)
+    return BuiltCocoInstances(records, name)
+  return CocoInstances(os.path.expanduser(location),
+                       split_name={"validation": "val"}.get(split, split))
+
+
+def random_resize(image: np.ndarray, instances: np.ndarray, rng: np.random.Generator,
+                  crop_size: int, resize_range: tuple[float, float]):
+  """Each side resized to crop_size * U(resize_range) (aspect not kept, as in the official data
+  flow): the image bilinearly, the (N, H, W) instance masks by nearest neighbour, so they stay
+  binary (Object Jitter and splicing make their own alpha from them). Draws height, then width."""
+  height = int(round(crop_size * rng.uniform(*resize_range)))
+  width = int(round(crop_size * rng.uniform(*resize_range)))
+  if (height, width) != image.shape[:2]:
+    image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    instances = np.stack(
+        [cv2.resize(m, (width, height), interpolation=cv2.INTER_NEAREST) for m in instances]
+    ) if len(instances) else np.zeros((0, height, width), np.uint8)
+  return image, instances
+
+
+def pad_to_crop(image: np.ndarray, instances: np.ndarray, crop_size: int):
+  """Pads an image smaller than the crop (only a resize_range below 1 makes one) with black and
+  no object on the bottom and right (the forgeries' masks are exact: no ignore label needed)."""
+  pad_h, pad_w = max(0, crop_size - image.shape[0]), max(0, crop_size - image.shape[1])
+  if pad_h or pad_w:
+    image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
+    instances = np.pad(instances, ((0, 0), (0, pad_h), (0, pad_w)))
+  return image, instances
 
 
 class ObjectJitterTransform(grain.transforms.RandomMap):
@@ -239,11 +412,12 @@ class ObjectJitterTransform(grain.transforms.RandomMap):
   If none is accepted (an image whose objects are all tiny or huge), the last crop is returned
   unmodified with an all-zero mask: an authentic sample is valid training data, and it keeps the
   pipeline's one-in, one-out shape. `fallback_count` counts those, per process (each grain worker
-  has its own copy of the transform).
+  has its own copy of the transform). With `keep_host` the output also holds 'host_image', the
+  crop before jitter (for `miml-jax data show`); training leaves it off and carries nothing extra.
   """
 
   def __init__(self, crop_size: int = 512, resize_range: tuple[float, float] = (1.0, 1.5),
-               config: ObjectJitterConfig = ObjectJitterConfig()):
+               config: ObjectJitterConfig = ObjectJitterConfig(), keep_host: bool = False):
     if (not isinstance(crop_size, (int, np.integer)) or isinstance(crop_size, bool) or
         crop_size < 1):
       raise UserInputError(f"crop_size: expected a positive int, got {crop_size!r}")
@@ -254,33 +428,27 @@ class ObjectJitterTransform(grain.transforms.RandomMap):
     self.resize_range = (lo, hi)
     self.config = config
     self.fallback_count = 0
+    self.keep_host = bool(keep_host)
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    image, instances = element["image"], element["instances"]
     size = self.crop_size
-    height = int(round(size * rng.uniform(*self.resize_range)))
-    width = int(round(size * rng.uniform(*self.resize_range)))
-    if (height, width) != image.shape[:2]:
-      image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
-      # Nearest keeps the masks binary; Object Jitter makes its own soft alpha from them.
-      instances = np.stack(
-          [cv2.resize(m, (width, height), interpolation=cv2.INTER_NEAREST) for m in instances]
-      ) if len(instances) else np.zeros((0, height, width), np.uint8)
-    # Only a resize_range below 1 makes an image smaller than the crop; pad it with black and
-    # no object (Object Jitter's mask is exact, so no ignore label is needed).
-    pad_h, pad_w = max(0, size - height), max(0, size - width)
-    if pad_h or pad_w:
-      image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
-      instances = np.pad(instances, ((0, 0), (0, pad_h), (0, pad_w)))
+    image, instances = random_resize(element["image"], element["instances"], rng, size,
+                                     self.resize_range)
+    image, instances = pad_to_crop(image, instances, size)
     for _ in range(self.config.max_attempts):
       y = int(rng.integers(0, image.shape[0] - size + 1))
       x = int(rng.integers(0, image.shape[1] - size + 1))
       crop = np.ascontiguousarray(image[y:y + size, x:x + size])
       result = object_jitter(crop, instances[:, y:y + size, x:x + size], rng, self.config)
       if result is not None:
-        return {"image": result[0], "mask": result[1]}
-    self.fallback_count += 1
-    return {"image": crop, "mask": np.zeros((size, size), np.uint8)}
+        break
+    else:
+      self.fallback_count += 1
+      result = crop, np.zeros((size, size), np.uint8)
+    out = {"image": result[0], "mask": result[1]}
+    if self.keep_host:
+      out["host_image"] = crop
+    return out
 
 
 class ObjectJitterSource:
@@ -307,4 +475,7 @@ class ObjectJitterSource:
     rng = np.random.default_rng([self.seed, self.split_id, int(index)])
     out = self.transform.random_map(element, rng)
     # A new composite, held losslessly: not a JPEG file any more.
-    return {"image": out["image"], "mask": out["mask"], "id": element["name"], "is_jpeg": False}
+    sample = {"image": out["image"], "mask": out["mask"], "id": element["name"], "is_jpeg": False}
+    if "host_image" in out:  # self.transform.keep_host: the crop before jitter, for data show.
+      sample["host_image"] = out["host_image"]
+    return sample

@@ -46,6 +46,7 @@ import dataclasses
 import cv2
 import numpy as np
 
+from miml_jax import config as config_lib
 from miml_jax.errors import UserInputError
 
 
@@ -108,17 +109,7 @@ class ObjectJitterConfig:
 
   @classmethod
   def from_config(cls, config) -> "ObjectJitterConfig":
-    """From a dict or ConfigDict; an unknown key is an error (a typo would silently do nothing)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = dict(config)
-    for key in values:
-      if key not in fields:
-        raise UserInputError(
-            f"object_jitter.{key}: unknown key (known: {', '.join(sorted(fields))})")
-    for key in ("blur_thresholds", "blur_kernels"):
-      if key in values:
-        values[key] = tuple(int(v) for v in values[key])
-    return cls(**values)
+    return config_lib.settings_from_config(cls, config, "object_jitter")
 
 
 def blur_kernel_size(min_side: int, cfg: ObjectJitterConfig = ObjectJitterConfig()) -> int:

@@ -41,11 +41,15 @@ class _TrainTransform(grain.transforms.RandomMap):
 
 def train_dataset(source, *, batch_size: int, augment: transforms.AugmentConfig, seed: int,
                   process_index: int = 0, process_count: int = 1, start_step: int = 0,
-                  num_workers: int = 0) -> grain.IterDataset:
+                  num_workers: int = 0, read_threads: int = 16,
+                  prefetch_batches: int = 16) -> grain.IterDataset:
   """This process's rows of global batches start_step, start_step + 1, ... forever.
 
   batch_size is the global batch B; each element is {'image': uint8 (B/P, S, S, 3),
-  'label': uint8 (B/P, S, S), 'skipped': str (B/P,)} for P processes.
+  'label': uint8 (B/P, S, S), 'skipped': str (B/P,)} for P processes. `read_threads` batches
+  are made at once, and at most `prefetch_batches` wait ready (per worker): that bounds host
+  memory to about prefetch_batches x one local batch (grain's default buffer is 500 batches,
+  100+ GB for a 256 x 512^2 batch).
   """
   if batch_size % process_count:
     raise ValueError(f"global batch {batch_size} does not split over {process_count} processes")
@@ -53,22 +57,27 @@ def train_dataset(source, *, batch_size: int, augment: transforms.AugmentConfig,
   dataset = dataset.shuffle().repeat(None).random_map(_TrainTransform(augment))
   dataset = dataset.batch(batch_size // process_count, drop_remainder=True)
   dataset = dataset[start_step * process_count + process_index::process_count]
-  dataset = dataset.to_iter_dataset()
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=read_threads, prefetch_buffer_size=max(prefetch_batches, 1)))
   if num_workers > 0:
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return dataset
 
 
 def eval_batches(source, batch_size: int, multiple: int = 32,
-                 limit: int | None = None) -> Iterator[dict]:
+                 limit: int | None = None, max_pending: int | None = None) -> Iterator[dict]:
   """Yields batches {'image', 'valid' (B,) bool, 'samples'} grouped by padded shape.
 
   `samples` holds the source records of the valid rows (with their masks), in batch order.
 
   Every batch has exactly `batch_size` rows (the last of a shape is filled with copies marked
-  invalid), so one compiled function serves each padded shape.
+  invalid), so one compiled function serves each padded shape. At most `max_pending` examples
+  (default 4 batches) wait for their shape's batch to fill: on data where nearly every image has
+  its own size (IMD2020, NIST16) the fullest waiting batch goes out part-filled instead of the
+  whole dataset piling up in memory. A larger `multiple` means fewer shapes (fewer compiles).
   """
   count = len(source) if limit is None else min(limit, len(source))
+  max_pending = max_pending or 4 * batch_size
   buckets: dict[tuple, list] = collections.defaultdict(list)
 
   def flush(key):
@@ -88,5 +97,7 @@ def eval_batches(source, batch_size: int, multiple: int = 32,
     buckets[key].append((image, sample))
     if len(buckets[key]) == batch_size:
       yield flush(key)
+    elif sum(map(len, buckets.values())) > max_pending:
+      yield flush(max(buckets, key=lambda k: len(buckets[k])))
   for key in list(buckets):
     yield flush(key)

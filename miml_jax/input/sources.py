@@ -7,6 +7,8 @@ Source strings:
   synthetic                 the embedded procedural forgery set (no download), any split
   synthetic:N               the same with N examples
   folder:/path/to/root      the MIML layout: root/imgs/<k>.<ext> with root/masks/<k>.png
+  benco:/path/to/root       IMDLBenCo's layout: root/Tp/<k>.<ext> with root/Gt/<k>[_gt].<ext>
+  benco:/path/list.json     IMDLBenCo's JSON list [[image, mask or "Negative"], ...]
   tfds:NAME/CONFIG[@SPLIT]  a dataset built by `miml-jax data build` (datasets/), read from
                             $TFDS_DATA_DIR or ~/tensorflow_datasets; an absolute
                             tfds:/path/NAME/CONFIG names the folder itself. SPLIT defaults to
@@ -14,6 +16,12 @@ Source strings:
   coco:/path/to/coco        COCO images with instance masks, made into forgeries by Object
                             Jitter (crops of data.image_size; split train -> COCO 'train',
                             validation -> 'val'); see coco.ObjectJitterSource
+  coco:tfds:coco_instances  the same from a built datasets/coco_instances (any tfds: name,
+                            e.g. coco:tfds:/abs/path/coco_instances[@SPLIT]): identical samples
+  coco_splice:PATH          synthetic splices: an object of another COCO image pasted by its
+                            instance mask; PATH as for coco: (a folder or tfds:...)
+  coco_copymove:PATH        synthetic copy-moves: an object copied within the image; both
+                            deterministic per (seed, index), see instance_forgery.py
 
 Mixtures join sources with '+' (as TFDS joins splits), each optionally repeated `*N` times per
 epoch, e.g. the paper's training mix:
@@ -32,10 +40,9 @@ RepeatDatasets, which the official training used); the pipeline shuffles the who
 augments every copy differently. (Paths containing '+' cannot be named in a mixture.)
 """
 
-import re
-
-
+import json
 import os
+import re
 
 import numpy as np
 
@@ -101,11 +108,83 @@ class FolderSource:
             "is_jpeg": image_path.lower().endswith((".jpg", ".jpeg"))}
 
 
+class BencoSource:
+  """IMDLBenCo's layouts: a folder with `Tp/` (images) and `Gt/` (masks), or a JSON list.
+
+  Tp/Gt: the mask of `Tp/<k>.<ext>` is `Gt/<k>.*`, `Gt/<k>_gt.*` or `Gt/<k>_mask.*`, paired by
+  name (IMDLBenCo pairs by sorted order, where one missing mask shifts every later pair).
+  JSON (IMDLBenCo's JsonDataset): `[[image, mask], ...]` with mask "Negative" for an authentic
+  image (an all-zero mask, `is_authentic`); relative paths are relative to the JSON file.
+  """
+
+  MASK_SUFFIXES = ("", "_gt", "_mask")
+
+  def __init__(self, path: str, skip_missing_masks: bool = False):
+    self.root = path
+    self.skipped: list[str] = []
+    self.pairs = (self._read_list(path) if os.path.isfile(path)
+                  else self._pair_folders(path, skip_missing_masks))
+    if not self.pairs:
+      raise UserInputError(f"{path}: no image has a mask")
+
+  @staticmethod
+  def _read_list(path: str) -> list[tuple[str, str | None]]:
+    try:
+      with open(path) as f:
+        entries = json.load(f)
+    except (OSError, ValueError) as e:
+      raise UserInputError(f"{path}: not a readable JSON list ({e})") from e
+    base = os.path.dirname(os.path.abspath(path))
+    pairs = []
+    for number, entry in enumerate(entries if isinstance(entries, list) else [None]):
+      if not (isinstance(entry, (list, tuple)) and len(entry) == 2
+              and all(isinstance(v, str) for v in entry)):
+        raise UserInputError(f"{path}: entry {number} is {entry!r}; expected "
+                             f"[image_path, mask_path or \"Negative\"]")
+      image, mask = (os.path.join(base, os.path.expanduser(v)) for v in entry)
+      pairs.append((image, None if entry[1] == "Negative" else mask))
+    return pairs
+
+  def _pair_folders(self, root: str, skip: bool) -> list[tuple[str, str | None]]:
+    image_dir, mask_dir = os.path.join(root, "Tp"), os.path.join(root, "Gt")
+    if not os.path.isdir(image_dir) or not os.path.isdir(mask_dir):
+      raise UserInputError(f"{root}: expected IMDLBenCo's Tp/ and Gt/ folders, or a JSON list")
+    masks = {os.path.splitext(os.path.basename(p))[0]: p for p in io.list_images(mask_dir)}
+    pairs = []
+    for image in io.list_images(image_dir):
+      stem = os.path.splitext(os.path.basename(image))[0]
+      found = [masks[stem + s] for s in self.MASK_SUFFIXES if stem + s in masks]
+      if not found:
+        message = f"{image}: no mask {os.path.join(mask_dir, stem)}[_gt|_mask].<ext>"
+        if not skip:
+          raise UserInputError(message)
+        self.skipped.append(message)
+        continue
+      pairs.append((image, found[0]))
+    return pairs
+
+  def __len__(self) -> int:
+    return len(self.pairs)
+
+  def __getitem__(self, index: int) -> dict:
+    image_path, mask_path = self.pairs[index]
+    image = io.read_image(image_path)
+    if mask_path is None:
+      mask = np.zeros(image.shape[:2], np.uint8)
+    else:
+      mask = io.read_mask(mask_path)
+      io.check_same_size(image, mask, image_path, mask_path)
+    return {"image": image, "mask": mask, "id": os.path.basename(image_path),
+            "is_jpeg": image_path.lower().endswith((".jpg", ".jpeg")),
+            "is_authentic": mask_path is None}
+
+
 class TfdsSource:
   """A TFDS dataset built by this project's builders (datasets/), read without TensorFlow.
 
   Examples hold the image file's bytes and a PNG mask; they are decoded here, as FolderSource
-  decodes files, so both give the same arrays. Extra fields (qes, source) pass through.
+  decodes files, so both give the same arrays. Extra fields (qes, source, is_authentic, ...)
+  pass through as Python scalars.
   """
 
   def __init__(self, directory: str, split: str, name: str):
@@ -121,22 +200,24 @@ class TfdsSource:
     if split not in builder.info.splits:
       raise UserInputError(f"{name}: no split '{split}' (has {', '.join(builder.info.splits)});"
                            f" name one with {name}@SPLIT")
-    self._data = builder.as_data_source(split)
+    # Raw records (bytes and scalars), e.g. for coco_instances, whose readers decode them.
+    self.records = builder.as_data_source(split)
+    self.has_masks = "mask" in builder.info.features
 
   def __len__(self) -> int:
-    return len(self._data)
+    return len(self.records)
 
   def __getitem__(self, index: int) -> dict:
-    record = self._data[index]
+    record = self.records[index]
     sample_id = _text(record["id"])
     where = f"{self.name}[{sample_id}]"
     image = io.decode_image(record["image"], where + " image")
     mask = io.decode_mask(record["mask"], where + " mask")
     io.check_same_size(image, mask, where + " image", where + " mask")
     sample = {"image": image, "mask": mask, "id": sample_id, "is_jpeg": bool(record["is_jpeg"])}
-    for key in ("qes", "source"):
-      if key in record:
-        sample[key] = _text(record[key]) if key == "source" else float(record[key])
+    for key, value in record.items():  # Extra fields (qes, source, is_authentic, ...).
+      if key not in sample and key not in ("image", "mask"):
+        sample[key] = _text(value) if isinstance(value, (bytes, str)) else np.asarray(value).item()
     return sample
 
 
@@ -258,18 +339,38 @@ def _make_one(spec: str, split: str, image_size: int, seed: int, skip: bool):
     if not arg:
       raise UserInputError(f"data source '{spec}': give a path, folder:/path/to/root")
     return FolderSource(os.path.expanduser(arg), skip_missing_masks=skip)
+  if kind == "benco":
+    if not arg:
+      raise UserInputError(f"data source '{spec}': give a path, benco:/path/to/dataset or "
+                           f"benco:/path/to/list.json")
+    return BencoSource(os.path.expanduser(arg), skip_missing_masks=skip)
   if kind == "tfds":
     if not arg:
       raise UserInputError(f"data source '{spec}': give a dataset, tfds:NAME/CONFIG")
-    return _tfds_source(arg, split)
-  if kind == "coco":
+    source = _tfds_source(arg, split)
+    if not source.has_masks:
+      raise UserInputError(f"{source.name}: this dataset has no 'mask' feature; a coco_instances "
+                           f"dataset is read through coco:{arg} (or coco_splice:, coco_copymove:)")
+    return source
+  if kind in ("coco", "coco_splice", "coco_copymove"):
     if not arg:
-      raise UserInputError(f"data source '{spec}': give a path, coco:/path/to/coco")
-    from miml_jax.input import coco  # grain and the COCO index only when asked for.
-    instances = coco.CocoInstances(os.path.expanduser(arg),
-                                   split_name={"validation": "val"}.get(split, split))
-    return coco.ObjectJitterSource(instances, crop_size=image_size, seed=seed,
-                                   split_id=synthetic.SPLIT_IDS.get(split, 0))
+      raise UserInputError(f"data source '{spec}': give a path, {kind}:/path/to/coco or "
+                           f"{kind}:tfds:coco_instances")
+    # grain and the COCO index only when asked for.
+    from miml_jax.input import coco, instance_forgery
+
+    def open_built(name, role):  # A built coco_instances split, through the tfds: reader.
+      built = _tfds_source(name, role)
+      return built.records, built.name
+
+    instances = coco.open_instances(arg, split, open_built)
+    split_id = synthetic.SPLIT_IDS.get(split, 0)
+    if kind == "coco":
+      return coco.ObjectJitterSource(instances, crop_size=image_size, seed=seed,
+                                     split_id=split_id)
+    return instance_forgery.InstanceForgerySource(
+        instances, "splice" if kind == "coco_splice" else "copy_move", crop_size=image_size,
+        seed=seed, split_id=split_id)
   raise UserInputError(
-      f"data source '{spec}': unknown kind '{kind}' (known: synthetic, folder:PATH, "
-      f"tfds:NAME/CONFIG, coco:PATH)")
+      f"data source '{spec}': unknown kind '{kind}' (known: synthetic, folder:PATH, benco:PATH, "
+      f"tfds:NAME/CONFIG, coco:PATH, coco_splice:PATH, coco_copymove:PATH)")

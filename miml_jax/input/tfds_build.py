@@ -66,6 +66,9 @@ def build(name: str, config: str | None, manual_dir: str, data_dir: str,
     raise UserInputError(f"dataset '{name}': --config must be one of {', '.join(configs)}")
   if not os.path.isdir(manual_dir):
     raise UserInputError(f"{manual_dir}: --manual-dir is not a folder")
+  instructions = getattr(builder_class, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+  if instructions and not os.listdir(manual_dir):  # TFDS would fail with an AssertionError.
+    raise UserInputError(f"{manual_dir}: --manual-dir is empty; {instructions}")
   builder = builder_class(config=config, data_dir=os.path.expanduser(data_dir),
                           file_format="array_record")
   # TFDS narrates on stdout, which belongs to the command's --json output.

@@ -13,6 +13,8 @@ import cv2
 import jax.numpy as jnp
 import numpy as np
 
+from miml_jax import config as config_lib
+
 IGNORE_LABEL = 255
 # ImageNet statistics in 0-255 units, RGB order (mmseg's img_norm_cfg).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -52,12 +54,7 @@ class AugmentConfig:
 
   @classmethod
   def from_config(cls, config) -> "AugmentConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in dict(config).items() if k in fields}
-    for key in ("resize_range", "jpeg_quality"):
-      if key in values:
-        values[key] = tuple(values[key])
-    return cls(**values)
+    return config_lib.settings_from_config(cls, config, "input.augment")
 
 
 def _resize(image, mask, height, width):
