@@ -110,10 +110,10 @@ def cmd_eval(args, overrides):
   # Every device of every process runs the model; each batch is split over them.
   mesh = sharding.make_mesh(None)
   predictor = evaluate.make_predictor(model, variables, config, mesh)
-  result = evaluate.evaluate(model, variables, config, source,
-                             out_dir=args.out if main_process else None, limit=args.limit,
+  # Pictures go into the report (best and worst images), not a predictions.png.
+  result = evaluate.evaluate(model, variables, config, source, limit=args.limit,
                              predictor=predictor, conventions=conventions,
-                             extremes=args.pictures if args.out else 0)
+                             extremes=args.pictures if args.out and main_process else 0)
   sweep = evaluate.robustness(model, variables, config, source, points, clean=result,
                               limit=args.limit, predictor=predictor,
                               log=lambda m: print(m, file=sys.stderr)) if points else None
@@ -382,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
            "authentic images are present; robustness sweeps (--perturb). Prints tables (or\n"
            "JSON). With --out DIR also writes report.md (with curves, histograms, best / worst\n"
            "images and robustness curves), metrics.json, per_image.csv,\n"
-           "per_image_detection.csv, robustness.csv and predictions.png (DIR must be new or\n"
-           "empty unless --overwrite).")
+           "per_image_detection.csv and robustness.csv (DIR must be new or empty unless\n"
+           "--overwrite).")
   _add_weights_args(ev)
   _add_multihost_args(ev)
   ev.add_argument("--data", help="data source: synthetic | folder:/path (MIML layout imgs/ "

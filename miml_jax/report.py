@@ -4,7 +4,7 @@
                            detection, robustness, with the command that made it
     DIR/curves.png         pooled pixel precision-recall and ROC; image-level ROC
     DIR/histograms.png     per-image IoU / F1 and image-level scores by class
-    DIR/best.png, worst.png  the images the model does best and worst on (headline F1)
+    DIR/best.jpg, worst.jpg  the images the model does best and worst on (headline F1)
     DIR/robustness.png     one panel per perturbation kind (with --perturb)
 """
 
@@ -179,12 +179,12 @@ def write(out_dir: str, result: dict, command: str, robustness: list[dict] | Non
             "![histograms](histograms.png)", ""]
   pictures = result.get("pictures", {})
   for which in ("best", "worst"):
-    if pictures.get(which):
-      visualize.save(os.path.join(out_dir, f"{which}.png"),
+    if pictures.get(which):  # JPEG: photographs, for people to look at (a tenth of a PNG).
+      visualize.save(os.path.join(out_dir, f"{which}.jpg"),
                      visualize.contact_sheet(pictures[which]))
       lines += [f"## {which.capitalize()} images (headline F1)", "",
                 "image | ground truth | heatmap | binary prediction", "",
-                f"![{which}]({which}.png)", ""]
+                f"![{which}]({which}.jpg)", ""]
   if robustness:
     plot_robustness(robustness, os.path.join(out_dir, "robustness.png"))
     keys = [k for k in ("iou", "f1", "pixel_auc", "image_auc_max", "image_auc_head")

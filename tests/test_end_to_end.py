@@ -173,14 +173,14 @@ def test_eval_report_on_benco_layouts_with_robustness(trained, tmp_path, capsys)
   assert rows[0]["iou"] == result["summary"]["iou"]
   report = (report_dir / "report.md").read_text()
   for section in ("## Headline", "## Other conventions", "trufor_best", "## Image-level",
-                  "## Robustness", "![curves](curves.png)", "![best](best.png)",
+                  "## Robustness", "![curves](curves.png)", "![best](best.jpg)",
                   "--perturb jpeg:60"):
     assert section in report, section
-  for name in ("curves.png", "histograms.png", "best.png", "worst.png", "robustness.png",
+  for name in ("curves.png", "histograms.png", "best.jpg", "worst.jpg", "robustness.png",
                "metrics.json", "per_image.csv", "per_image_detection.csv", "robustness.csv"):
     assert (report_dir / name).stat().st_size > 0, name
   # Two rows of four square tiles (64 x 64 images), each row scaled to 1024 wide.
-  assert io.read_image(str(report_dir / "best.png")).shape[:2] == (2 * 1024 // 4, 1024)
+  assert io.read_image(str(report_dir / "best.jpg")).shape[:2] == (2 * 1024 // 4, 1024)
   assert (report_dir / "per_image_detection.csv").read_text().count("\n") == 9
 
   # A list naming a file that is not there, and a bad perturbation, are one-line errors.
