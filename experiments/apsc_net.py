@@ -26,7 +26,12 @@ string (input/sources.py), e.g. for MIML-layout folders and COCO for Object Jitt
     --config.data.train='folder:/data/tampCOCO+folder:/data/MIML_Part1*6+folder:/data/MIML_Part2*4+coco:/data/coco*3+folder:/data/CASIAv2*80'
 """
 
+import dataclasses
+
 import ml_collections
+
+from miml_jax.input.instance_forgery import InstanceForgeryConfig
+from miml_jax.input.object_jitter import ObjectJitterConfig
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -39,7 +44,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(train="synthetic", validation="synthetic", image_size=512, seed=0,
                 # Unreadable examples: 'raise' stops with the file named; 'skip' leaves them
                 # out and lists them in <workdir>/skipped_examples.txt.
-                on_error="raise")
+                on_error="raise",
+                # The recipes of the coco: (Object Jitter, METHODS section 4) and coco_splice: /
+                # coco_copymove: sources, every field overridable (their docstrings say what
+                # each is); the defaults are the spec's and this project's reconstruction.
+                object_jitter=dataclasses.asdict(ObjectJitterConfig()),
+                instance_forgery=dataclasses.asdict(InstanceForgeryConfig()))
   c.input = dict(
       batch_size=16, num_workers=8,
       # Batches made at once, and ready batches held, per worker (bounds host memory).

@@ -11,7 +11,12 @@ the model predicting all-authentic at 400 steps, IoU 0.000), a full-resolution `
 front of ConvNeXt's patchify stem, and one self-rectification pass instead of three.
 """
 
+import dataclasses
+
 import ml_collections
+
+from miml_jax.input.instance_forgery import InstanceForgeryConfig
+from miml_jax.input.object_jitter import ObjectJitterConfig
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -23,7 +28,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(train="synthetic", validation="synthetic", image_size=128, seed=0,
                 # Unreadable examples: 'raise' stops with the file named; 'skip' leaves them
                 # out and lists them in <workdir>/skipped_examples.txt.
-                on_error="raise")
+                on_error="raise",
+                # The recipes of the coco: (Object Jitter, METHODS section 4) and coco_splice: /
+                # coco_copymove: sources, every field overridable (their docstrings say what
+                # each is); the defaults are the spec's and this project's reconstruction.
+                object_jitter=dataclasses.asdict(ObjectJitterConfig()),
+                instance_forgery=dataclasses.asdict(InstanceForgeryConfig()))
   c.input = dict(
       batch_size=8, num_workers=0,
       # Batches made at once, and ready batches held (bounds host memory).

@@ -104,9 +104,7 @@ def cmd_eval(args, overrides):
     if args.resize is not None:
       config.eval.resize = args.resize
   data = args.data or config.data.validation
-  source = sources.make_source(data, "validation", image_size=config.data.image_size,
-                               seed=config.data.seed,
-                               on_error=config.data.get("on_error", "raise"))
+  source = sources.source_from_config(data, "validation", config.data)
   # Every device of every process runs the model; each batch is split over them.
   mesh = sharding.make_mesh(None)
   predictor = evaluate.make_predictor(model, variables, config, mesh)
@@ -285,8 +283,8 @@ def _data_show(args, overrides):
   config = _parse_config(args.config, overrides)
   if os.path.exists(args.out) and not args.overwrite:
     raise UserInputError(f"{args.out}: exists; choose another --out or pass --overwrite")
-  source = sources.make_source(args.source, args.split, image_size=config.data.image_size,
-                               seed=config.data.seed)
+  # A sheet is for looking at examples: a bad file stops it, whatever data.on_error says.
+  source = sources.source_from_config(args.source, args.split, config.data, on_error="raise")
   parts = source.parts if isinstance(source, sources.MixtureSource) else [("", source, 1)]
   for _, part, _ in parts:  # Their samples also hold the crop before the forgery.
     if isinstance(part, coco.ObjectJitterSource):

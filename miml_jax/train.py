@@ -165,13 +165,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ---- Data ------------------------------------------------------------------------------
-  on_error = config.data.get("on_error", "raise")
-  train_source = sources.make_source(
-      config.data.train, "train", image_size=config.data.image_size, seed=config.data.seed,
-      on_error=on_error, for_training=True)
-  val_source = sources.make_source(
-      config.data.validation, "validation", image_size=config.data.image_size,
-      seed=config.data.seed, on_error=on_error)
+  train_source = sources.source_from_config(config.data.train, "train", config.data,
+                                            for_training=True)
+  val_source = sources.source_from_config(config.data.validation, "validation", config.data)
   # data.on_error='skip': every example skipped, with its file and reason, one line each.
   skipped_report = SkipReport(os.path.join(workdir, "skipped_examples.txt"))
   skipped_report.add(getattr(train_source, "skipped", []), "listing data.train")

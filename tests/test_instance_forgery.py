@@ -427,3 +427,25 @@ def test_real_coco_subset_builds(shared_data, tmp_path, capsys):
                                  image_size=128, seed=0)
   for index in range(3):
     assert_same_samples(on_built[index], on_folder[index])
+
+
+def test_recipes_come_from_the_data_config(coco_tree):
+  """data.object_jitter / data.instance_forgery reach the sources (a config override changes the
+  forgeries); an unknown key is an error naming it."""
+  from miml_jax import config as config_lib
+  config = config_lib.load_config(
+      os.path.join(os.path.dirname(__file__), "..", "experiments", "quickstart.py"))
+  config_lib.apply_overrides(config, ["data.image_size=64", "data.instance_forgery.min_area=9",
+                                      "data.object_jitter.enlarge_ratio=0.25"])
+  root, _ = coco_tree
+  spec = f"coco:{root}+coco_splice:{root}"
+  mixture = sources.source_from_config(spec, "train", config.data)
+  (_, jitter, _), (_, splice, _) = mixture.parts
+  assert jitter.transform.config.enlarge_ratio == 0.25
+  assert splice.config.min_area == 9 and splice.config.scale_range == (0.75, 1.25)
+  default = sources.make_source(spec, "train", image_size=64)
+  assert default.parts[1][1].config == InstanceForgeryConfig()
+  with config.unlocked():
+    config.data.instance_forgery.bogus = 1
+  with pytest.raises(UserInputError, match="instance_forgery.bogus: unknown key"):
+    sources.source_from_config(spec, "train", config.data)

@@ -40,6 +40,7 @@ RepeatDatasets, which the official training used); the pipeline shuffles the who
 augments every copy differently. (Paths containing '+' cannot be named in a mixture.)
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -304,18 +305,45 @@ _REPEAT = re.compile(r"^(.*?)\*(\d+)$")
 
 
 def make_source(spec: str, split: str, *, image_size: int = 128, seed: int = 0,
-                on_error: str = "raise", for_training: bool = False):
-  """Builds the source or mixture a config string names (see the module docstring)."""
+                on_error: str = "raise", for_training: bool = False,
+                object_jitter=None, instance_forgery=None):
+  """Builds the source or mixture a config string names (see the module docstring).
+
+  object_jitter / instance_forgery: settings (dicts, e.g. `data.object_jitter`) of the COCO
+  forgery sources' recipes (ObjectJitterConfig, InstanceForgeryConfig); None: the defaults.
+  """
   if on_error not in ("raise", "skip"):
     raise UserInputError(f"data.on_error='{on_error}': expected 'raise' or 'skip'")
-  source = _make_source(spec, split, image_size, seed, skip=on_error == "skip")
+  settings = _Settings(image_size, seed, on_error == "skip", dict(object_jitter or {}),
+                       dict(instance_forgery or {}))
+  source = _make_source(spec, split, settings)
   return SkipUnreadable(source, replace=for_training) if on_error == "skip" else source
 
 
-def _make_source(spec: str, split: str, image_size: int, seed: int, skip: bool):
+def source_from_config(spec: str, split: str, data_config, for_training: bool = False,
+                       on_error: str | None = None):
+  """make_source with the settings of a config's `data` block (image_size, seed, on_error
+  unless given, object_jitter, instance_forgery)."""
+  return make_source(spec, split, image_size=data_config.image_size, seed=data_config.seed,
+                     on_error=on_error or data_config.get("on_error", "raise"),
+                     for_training=for_training,
+                     object_jitter=data_config.get("object_jitter"),
+                     instance_forgery=data_config.get("instance_forgery"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  image_size: int
+  seed: int
+  skip: bool  # data.on_error='skip': sources leave out what they cannot pair (and say so).
+  object_jitter: dict
+  instance_forgery: dict
+
+
+def _make_source(spec: str, split: str, settings: _Settings):
   items = [item.strip() for item in spec.split("+")]
   if len(items) == 1 and not _REPEAT.match(items[0]):
-    return _make_one(items[0], split, image_size, seed, skip)
+    return _make_one(items[0], split, settings)
   parts = []
   for item in items:
     match = _REPEAT.match(item)
@@ -323,15 +351,16 @@ def _make_source(spec: str, split: str, image_size: int, seed: int, skip: bool):
     if not name or repeat < 1 or "*" in name:
       raise UserInputError(f"data source '{spec}': cannot read '{item}' (expected SOURCE or "
                            f"SOURCE*N with N >= 1, joined by '+')")
-    source = _make_one(name, split, image_size, seed, skip)
+    source = _make_one(name, split, settings)
     if len(source) == 0:
       raise UserInputError(f"data source '{spec}': {name} has no examples")
     parts.append((name, source, repeat))
   return MixtureSource(parts)
 
 
-def _make_one(spec: str, split: str, image_size: int, seed: int, skip: bool):
+def _make_one(spec: str, split: str, settings: _Settings):
   kind, _, arg = spec.partition(":")
+  image_size, seed, skip = settings.image_size, settings.seed, settings.skip
   if kind == "synthetic":
     num = int(arg) if arg else None
     return SyntheticSource(split, num, image_size, seed)
@@ -366,11 +395,14 @@ def _make_one(spec: str, split: str, image_size: int, seed: int, skip: bool):
     instances = coco.open_instances(arg, split, open_built)
     split_id = synthetic.SPLIT_IDS.get(split, 0)
     if kind == "coco":
-      return coco.ObjectJitterSource(instances, crop_size=image_size, seed=seed,
-                                     split_id=split_id)
+      from miml_jax.input.object_jitter import ObjectJitterConfig
+      return coco.ObjectJitterSource(
+          instances, crop_size=image_size, seed=seed, split_id=split_id,
+          config=ObjectJitterConfig.from_config(settings.object_jitter))
     return instance_forgery.InstanceForgerySource(
         instances, "splice" if kind == "coco_splice" else "copy_move", crop_size=image_size,
-        seed=seed, split_id=split_id)
+        seed=seed, split_id=split_id,
+        config=instance_forgery.InstanceForgeryConfig.from_config(settings.instance_forgery))
   raise UserInputError(
       f"data source '{spec}': unknown kind '{kind}' (known: synthetic, folder:PATH, benco:PATH, "
       f"tfds:NAME/CONFIG, coco:PATH, coco_splice:PATH, coco_copymove:PATH)")
