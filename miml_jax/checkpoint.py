@@ -95,10 +95,15 @@ def _steps(directory: str) -> list[int]:
 def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
   """Resolves a path to (checkpoint directory, step); errors name the path.
 
-  `path` is a training workdir (its latest checkpoints/ are used) or a directory of `<step>/`
-  checkpoints itself, such as `<workdir>/best`.
+  `path` is a training workdir (its latest checkpoints/ are used), a directory of `<step>/`
+  checkpoints itself, such as `<workdir>/best`, or one step's folder (`<workdir>/best/900`).
   """
   path = os.path.abspath(path)
+  base = os.path.basename(path)
+  if base.isdigit() and os.path.isdir(path) and int(base) in _steps(os.path.dirname(path)):
+    if step is not None and step != int(base):
+      raise UserInputError(f"{path} is the checkpoint of step {base}, not of step {step}")
+    return os.path.dirname(path), int(base)
   directory = checkpoint_dir(path)
   if not os.path.isdir(directory):
     if not (os.path.isdir(path) and _steps(path)):
@@ -136,6 +141,28 @@ def load_model(path: str, step: int | None = None):
   finally:
     checkpointer.close()
   return config, model, variables, step
+
+
+def load_for_inference(checkpoint: str | None, step: int | None = None, init: str | None = None,
+                       config_spec: str | None = None, overrides: list[str] = ()):
+  """(config, model, variables, step) from a checkpoint (with its own config, `overrides`
+  applied), or from an init file of `miml-jax convert` with the experiment config that built it
+  (step None)."""
+  from miml_jax import config as config_lib
+  from miml_jax import models
+  if checkpoint:
+    if init or config_spec:
+      raise UserInputError("--checkpoint brings its own config: give --checkpoint, or --init "
+                           "with --config")
+    config, model, variables, step = load_model(checkpoint, step)
+    config_lib.apply_overrides(config, list(overrides))
+    return config, model, variables, step
+  if not init or not config_spec:
+    raise UserInputError("give --checkpoint WORKDIR, or --init FILE with --config CFG")
+  config = config_lib.load_config(config_spec)
+  config_lib.apply_overrides(config, list(overrides))
+  model = models.build_model(config.model)
+  return config, model, models.load(model, config, init)[0], None
 
 
 def describe_model(config) -> str:

@@ -153,19 +153,9 @@ def _write_csv(path: str, rows: list[dict]):
 
 def _load_for_inference(args, overrides):
   """(config, model, variables, step) from --checkpoint W, or from --init FILE --config CFG."""
-  from miml_jax import checkpoint, config as config_lib, models
-  if args.checkpoint:
-    if args.init or args.config:
-      raise UserInputError("--checkpoint brings its own config: give --checkpoint, or --init "
-                           "with --config")
-    config, model, variables, step = checkpoint.load_model(args.checkpoint, args.step)
-    config_lib.apply_overrides(config, overrides)
-    return config, model, variables, step
-  if not args.init or not args.config:
-    raise UserInputError("give --checkpoint WORKDIR, or --init FILE with --config CFG")
-  config = _parse_config(args.config, overrides)
-  model = models.build_model(config.model)
-  return config, model, models.load(model, config, args.init)[0], None
+  from miml_jax import checkpoint
+  return checkpoint.load_for_inference(args.checkpoint, args.step, args.init, args.config,
+                                       overrides)
 
 
 def _weights_name(args) -> str:

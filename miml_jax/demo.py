@@ -92,17 +92,6 @@ def parse_named_path(flag: str, spec: str, default_name: str | None = None) -> t
   return name, path
 
 
-def _load_checkpoint(path: str):
-  """checkpoint.load_model for a workdir, a folder of <step>/ checkpoints (W/best), or one step
-  folder (W/checkpoints/4)."""
-  from miml_jax import checkpoint
-  path = os.path.abspath(path)
-  base = os.path.basename(path)
-  if base.isdigit() and os.path.isdir(path):
-    return checkpoint.load_model(os.path.dirname(path), int(base))
-  return checkpoint.load_model(path)
-
-
 def load_models(model_specs: list[str], init_spec: str | None, config_spec: str | None,
                 overrides: list[str], resize: str = "none") -> list[DemoModel]:
   """Loads every model once (before any server starts); a failure names the model and path.
@@ -110,8 +99,7 @@ def load_models(model_specs: list[str], init_spec: str | None, config_spec: str 
   model_specs: 'NAME=WORKDIR_OR_CHECKPOINT' strings; init_spec: '[NAME=]FILE' of `miml-jax
   convert`, built from config_spec. overrides (`--config.a.b=v`) apply to every model's config.
   """
-  from miml_jax import config as config_lib
-  from miml_jax import models as models_lib
+  from miml_jax import checkpoint
   if init_spec and not config_spec:
     raise UserInputError("--init needs --config CFG (the experiment config of its model)")
   if config_spec and not init_spec:
@@ -131,14 +119,11 @@ def load_models(model_specs: list[str], init_spec: str | None, config_spec: str 
   loaded = []
   for flag, name, path in named:
     try:
-      if flag == "--model":
-        config, model, variables, step = _load_checkpoint(path)
-        config_lib.apply_overrides(config, overrides)
-      else:
-        config = config_lib.load_config(config_spec)
-        config_lib.apply_overrides(config, overrides)
-        model = models_lib.build_model(config.model)
-        variables, step = models_lib.load(model, config, path)[0], None
+      # A workdir, W/best or one step's folder (W/checkpoints/4); or an init file.
+      config, model, variables, step = (
+          checkpoint.load_for_inference(path, overrides=overrides) if flag == "--model" else
+          checkpoint.load_for_inference(None, init=path, config_spec=config_spec,
+                                        overrides=overrides))
       predictor = predict.Predictor(model, variables, config, batch_size=1, resize=resize)
     except UserInputError as e:
       raise UserInputError(f"{flag} {name}={path}: cannot load the model: {e}") from e

@@ -373,6 +373,23 @@ def border_band(gt, erode: int = 15, dilate: int = 11) -> tuple[np.ndarray, np.n
   return positives | negatives, positives
 
 
+def threshold_sweep(scores, positive) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Every threshold at once, from one sort: (tp, fp, thresholds), float64 arrays where entry k
+  counts the positives / negatives with score > thresholds[k]. Entry 0 predicts nothing
+  (threshold = the maximum), the last everything (just below the minimum); in between, one
+  entry per distinct score. ROC and PR curves and the per-image oracle all read this."""
+  scores, positive = np.asarray(scores, np.float64).ravel(), np.asarray(positive, bool).ravel()
+  order = np.argsort(-scores, kind="stable")
+  values, positive = scores[order], positive[order]
+  # Cutting after position i predicts every score >= values[i]; only the last position of a run
+  # of equal values is a valid cut.
+  ends = np.flatnonzero(np.r_[values[1:] < values[:-1], True])
+  tp = np.r_[0, np.cumsum(positive)[ends]].astype(np.float64)
+  fp = np.r_[0, np.cumsum(~positive)[ends]].astype(np.float64)
+  thresholds = np.r_[values[0], values[ends[:-1] + 1], np.nextafter(values[-1], -np.inf)]
+  return tp, fp, thresholds
+
+
 def best_threshold_scores(prob, gt, valid=None, inverse: bool = False) -> dict:
   """Per-image "oracle" scores: IoU / P / R / F1 at the threshold that maximises F1 on this image.
 
@@ -386,46 +403,39 @@ def best_threshold_scores(prob, gt, valid=None, inverse: bool = False) -> dict:
     {'iou', 'precision', 'recall', 'f1', 'threshold', 'inverted'}: Python numbers; threshold t
     means pred = prob > t (for the inverted map, pred = prob <= t).
   """
+  plain, either = oracle_scores(prob, gt, valid)
+  return either if inverse else plain
+
+
+def oracle_scores(prob, gt, valid=None) -> tuple[dict, dict]:
+  """best_threshold_scores without and with `inverse`, from one sort (what evaluate.py needs)."""
   prob, gt = np.asarray(prob, np.float64), np.asarray(gt) > 0
   if valid is not None:
     valid = np.asarray(valid, bool)
     prob, gt = prob[valid], gt[valid]
-  prob, gt = prob.ravel(), gt.ravel()
   if prob.size == 0:
-    return {"iou": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "threshold": math.nan,
-            "inverted": False}
-  order = np.argsort(-prob, kind="stable")
-  values, positive = prob[order], gt[order]
-  # Cutting after position i predicts every pixel with a value >= values[i]; only the last
-  # position of a run of equal values is a valid cut. Cut 0: nothing predicted.
-  ends = np.flatnonzero(np.r_[values[1:] < values[:-1], True])
-  tp = np.r_[0, np.cumsum(positive)[ends]].astype(np.float64)
-  fp = np.r_[0, np.cumsum(~positive)[ends]].astype(np.float64)
-  thresholds = np.r_[values[0], values[ends[:-1] + 1], np.nextafter(values[-1], -np.inf)]
-  num_pos, num_neg = float(positive.sum()), float((~positive).sum())
-  fn, tn = num_pos - tp, num_neg - fp
-  candidates = [(scores_from_counts(tp, fp, fn), False)]
-  if inverse:  # The complement predicts what the map leaves out: tp <-> fn, fp <-> tn.
-    candidates.append((scores_from_counts(fn, tn, tp), True))
-  best = None
-  for scores, inverted in candidates:
+    empty = {"iou": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "threshold": math.nan,
+             "inverted": False}
+    return empty, dict(empty)
+  tp, fp, thresholds = threshold_sweep(prob, gt)
+  fn, tn = float(gt.sum()) - tp, float((~gt).sum()) - fp
+
+  def best(scores, inverted):
     k = int(np.argmax(scores["f1"]))
-    if best is None or scores["f1"][k] > best["f1"]:
-      best = {key: float(value[k]) for key, value in scores.items()}
-      best.update(threshold=float(thresholds[k]), inverted=inverted)
-  return best
+    return dict({key: float(value[k]) for key, value in scores.items()},
+                threshold=float(thresholds[k]), inverted=inverted)
+
+  plain = best(scores_from_counts(tp, fp, fn), False)
+  # The complement predicts what the map leaves out: tp <-> fn, fp <-> tn.
+  flipped = best(scores_from_counts(fn, tn, tp), True)
+  return plain, (flipped if flipped["f1"] > plain["f1"] else plain)
 
 
 def fixed_threshold_scores(prob, gt, threshold: float, valid=None, inverse: bool = False) -> dict:
   """IoU / P / R / F1 of prob > threshold on the valid pixels; with `inverse`, the better of the
   map and its complement (TruFor's fixed-threshold F1)."""
-  prob, gt = np.asarray(prob), np.asarray(gt) > 0
-  if valid is not None:
-    valid = np.asarray(valid, bool)
-    prob, gt = prob[valid], gt[valid]
-  pred = prob > threshold
-  tp, fp = float(np.sum(pred & gt)), float(np.sum(pred & ~gt))
-  fn, tn = float(np.sum(~pred & gt)), float(np.sum(~pred & ~gt))
+  tp, fp, fn, tn = (float(c) for c in _confusion(np, np.asarray(prob) > threshold,
+                                                  np.asarray(gt), valid, np.int64))
   best = dict(scores_from_counts(tp, fp, fn), inverted=False)
   if inverse:
     flipped = scores_from_counts(fn, tn, tp)

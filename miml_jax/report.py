@@ -14,6 +14,7 @@ import platform
 
 import numpy as np
 
+from miml_jax import metrics
 from miml_jax import visualize
 
 
@@ -41,17 +42,6 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
   return lines + [""]
 
 
-def _roc_points(scores, labels):
-  """(fpr, tpr) of the image-level scores, thresholds at every distinct score."""
-  scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
-  order = np.argsort(-scores, kind="stable")
-  scores, labels = scores[order], labels[order]
-  ends = np.flatnonzero(np.r_[scores[1:] < scores[:-1], True])
-  tp = np.r_[0, np.cumsum(labels)[ends]] / max(labels.sum(), 1)
-  fp = np.r_[0, np.cumsum(~labels)[ends]] / max((~labels).sum(), 1)
-  return fp, tp
-
-
 def plot_curves(result: dict, path: str):
   plt = _pyplot()
   pixel = result["curves"]["pixel"]
@@ -72,8 +62,8 @@ def plot_curves(result: dict, path: str):
     for score in ("max", "head"):
       values = [d[f"score_{score}"] for d in detection]
       if score in result["image_level"]:
-        fpr, tpr = _roc_points(values, labels)
-        axes[2].plot(fpr, tpr, label=f"{score} (AUC {result['image_level'][score]['auc']:.3f})")
+        tp, fp, _ = metrics.threshold_sweep(values, labels)
+        axes[2].plot(fp / max(fp[-1], 1), tp / max(tp[-1], 1), label=f"{score} (AUC {result['image_level'][score]['auc']:.3f})")
     axes[2].plot([0, 1], [0, 1], ":", color="grey")
     axes[2].set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
                 ylim=(0, 1.02), title="image-level ROC")

@@ -115,6 +115,13 @@ def test_eval_cli(trained, tmp_path, capsys):
   assert result["summary"] == pytest.approx(trainer, rel=1e-6, abs=1e-9)
   code, _, err = run(capsys, "eval", "--checkpoint", str(trained), "--out", str(tmp_path / "e"))
   assert code == 2 and "exists and is not empty" in err
+  # One step's folder names its checkpoint too (as the demo's --model W/checkpoints/4 does).
+  from miml_jax import checkpoint
+  from miml_jax.errors import UserInputError
+  step_dir = trained / "checkpoints" / "4"
+  assert checkpoint.find_checkpoint(str(step_dir)) == (str(trained / "checkpoints"), 4)
+  with pytest.raises(UserInputError, match="not of step 2"):
+    checkpoint.find_checkpoint(str(step_dir), 2)
 
 
 def test_eval_on_folder_with_image_head_threshold(trained, tmp_path, capsys):
