@@ -63,7 +63,8 @@ def plot_curves(result: dict, path: str):
       values = [d[f"score_{score}"] for d in detection]
       if score in result["image_level"]:
         tp, fp, _ = metrics.threshold_sweep(values, labels)
-        axes[2].plot(fp / max(fp[-1], 1), tp / max(tp[-1], 1), label=f"{score} (AUC {result['image_level'][score]['auc']:.3f})")
+        auc = result["image_level"][score]["auc"]
+        axes[2].plot(fp / max(fp[-1], 1), tp / max(tp[-1], 1), label=f"{score} (AUC {auc:.3f})")
     axes[2].plot([0, 1], [0, 1], ":", color="grey")
     axes[2].set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
                 ylim=(0, 1.02), title="image-level ROC")
