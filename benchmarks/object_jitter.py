@@ -34,8 +34,9 @@ def centre_crops(source, count: int, crop: int):
   for i in range(min(count, len(source))):
     item = source[i]
     image = cv2.resize(item["image"], (side, side))
-    masks = np.stack([cv2.resize(m, (side, side), interpolation=cv2.INTER_NEAREST)
-                      for m in item["instances"]])
+    masks = np.stack(
+      [cv2.resize(m, (side, side), interpolation=cv2.INTER_NEAREST) for m in item["instances"]]
+    )
     window = slice(offset, offset + crop)
     crops.append((np.ascontiguousarray(image[window, window]), masks[:, window, window]))
   return crops
@@ -67,17 +68,25 @@ def main(argv=None):
   fractions = [float(np.mean(source[i]["mask"] > 0)) for i in range(count)]
   item_s = (time.perf_counter() - start) / count
 
-  row = {"crop": args.crop, "images": count,
-         "instances_per_crop": float(np.mean([m.shape[0] for _, m in crops])),
-         "object_jitter_ms": 1e3 * jitter_s, "source_item_ms": 1e3 * item_s,
-         "fallbacks": source.transform.fallback_count,
-         "mean_tampered_fraction": float(np.mean(fractions))}
+  row = {
+    "crop": args.crop,
+    "images": count,
+    "instances_per_crop": float(np.mean([m.shape[0] for _, m in crops])),
+    "object_jitter_ms": 1e3 * jitter_s,
+    "source_item_ms": 1e3 * item_s,
+    "fallbacks": source.transform.fallback_count,
+    "mean_tampered_fraction": float(np.mean(fractions)),
+  }
   print(f"{args.coco} ({instances!r}), {platform.machine()}, {os.cpu_count()} CPUs")
-  print(f"{'crop':>6}{'images':>8}{'inst/crop':>11}{'jitter ms':>11}{'item ms':>9}"
-        f"{'fallbacks':>11}{'tampered':>10}")
-  print(f"{row['crop']:>6}{row['images']:>8}{row['instances_per_crop']:>11.1f}"
-        f"{row['object_jitter_ms']:>11.2f}{row['source_item_ms']:>9.1f}{row['fallbacks']:>11}"
-        f"{row['mean_tampered_fraction']:>10.3f}")
+  print(
+    f"{'crop':>6}{'images':>8}{'inst/crop':>11}{'jitter ms':>11}{'item ms':>9}"
+    f"{'fallbacks':>11}{'tampered':>10}"
+  )
+  print(
+    f"{row['crop']:>6}{row['images']:>8}{row['instances_per_crop']:>11.1f}"
+    f"{row['object_jitter_ms']:>11.2f}{row['source_item_ms']:>9.1f}{row['fallbacks']:>11}"
+    f"{row['mean_tampered_fraction']:>10.3f}"
+  )
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

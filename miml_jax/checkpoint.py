@@ -36,21 +36,33 @@ class Checkpointer:
   metrics passed to save() (the `best/` directory); None keeps the latest ones.
   """
 
-  def __init__(self, directory: str, max_to_keep: int | None = 3, read_only: bool = False,
-               best_metric: str | None = None):
+  def __init__(
+    self,
+    directory: str,
+    max_to_keep: int | None = 3,
+    read_only: bool = False,
+    best_metric: str | None = None,
+  ):
     self.directory = directory
-    handlers = {"model": ocp.StandardCheckpointHandler(),
-                "train": ocp.StandardCheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler()}
+    handlers = {
+      "model": ocp.StandardCheckpointHandler(),
+      "train": ocp.StandardCheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(),
+    }
     best = {}
     if best_metric:
-      best = dict(best_fn=lambda metrics: metrics[best_metric], best_mode="max",
-                  keep_checkpoints_without_metrics=False)
+      best = dict(
+        best_fn=lambda metrics: metrics[best_metric],
+        best_mode="max",
+        keep_checkpoints_without_metrics=False,
+      )
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                             read_only=read_only, **best),
-        item_handlers=handlers)
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only, **best
+      ),
+      item_handlers=handlers,
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -60,23 +72,27 @@ class Checkpointer:
 
   def save(self, step: int, model_vars, config, train_vars=None, metrics: dict | None = None):
     """Saves the weights and config, and the training state unless train_vars is None."""
-    items = dict(model=ocp.args.StandardSave(model_vars),
-                 config=ocp.args.JsonSave(config.to_dict()))
+    items = dict(
+      model=ocp.args.StandardSave(model_vars), config=ocp.args.JsonSave(config.to_dict())
+    )
     if train_vars is not None:
       items["train"] = ocp.args.StandardSave(train_vars)
     self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics)
 
   def restore_training(self, step: int, abstract_model, abstract_train):
     restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(abstract_model),
-            train=ocp.args.StandardRestore(abstract_train)))
+      step,
+      args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(abstract_model),
+        train=ocp.args.StandardRestore(abstract_train),
+      ),
+    )
     return restored["model"], restored["train"]
 
   def restore_model(self, step: int, abstract_model):
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_model)))
+      step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract_model))
+    )
     return restored["model"]
 
   def restore_config(self, step: int) -> ml_collections.ConfigDict:
@@ -107,8 +123,10 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
   directory = checkpoint_dir(path)
   if not os.path.isdir(directory):
     if not (os.path.isdir(path) and _steps(path)):
-      raise UserInputError(f"{path}: no checkpoint here (expected {directory}/<step>/, or "
-                           f"<step>/ folders in {path} itself)")
+      raise UserInputError(
+        f"{path}: no checkpoint here (expected {directory}/<step>/, or "
+        f"<step>/ folders in {path} itself)"
+      )
     directory = path
   steps = _steps(directory)
   if not steps:
@@ -123,44 +141,57 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
 def load_model(path: str, step: int | None = None):
   """Loads (config, model, variables, step) of a checkpoint for inference on the local devices."""
   from miml_jax import models  # Local import keeps this module light for the trainer's import.
+
   directory, step = find_checkpoint(path, step)
   checkpointer = Checkpointer(directory, max_to_keep=None, read_only=True)
   try:
-    config = checkpointer.restore_config(step)
+    from miml_jax import tasks
+
+    config = tasks.validate_config(checkpointer.restore_config(step))
     model = models.build_model(config.model)
     abstract = models.abstract_variables(model, config)
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract
+    )
     try:
       variables = checkpointer.restore_model(step, abstract)
     except (ValueError, KeyError) as e:
       raise UserInputError(
-          f"{directory}: checkpoint step {step} does not match the model in its own config "
-          f"({config.model.name}): {e}") from e
+        f"{directory}: checkpoint step {step} does not match the model in its own config "
+        f"({config.model.name}): {e}"
+      ) from e
   finally:
     checkpointer.close()
   return config, model, variables, step
 
 
-def load_for_inference(checkpoint: str | None, step: int | None = None, init: str | None = None,
-                       config_spec: str | None = None, overrides: list[str] = ()):
+def load_for_inference(
+  checkpoint: str | None,
+  step: int | None = None,
+  init: str | None = None,
+  config_spec: str | None = None,
+  overrides: list[str] = (),
+):
   """(config, model, variables, step) from a checkpoint (with its own config, `overrides`
   applied), or from an init file of `miml-jax convert` with the experiment config that built it
   (step None)."""
   from miml_jax import config as config_lib
-  from miml_jax import models
+  from miml_jax import models, tasks
+
   if checkpoint:
     if init or config_spec:
-      raise UserInputError("--checkpoint brings its own config: give --checkpoint, or --init "
-                           "with --config")
+      raise UserInputError(
+        "--checkpoint brings its own config: give --checkpoint, or --init with --config"
+      )
     config, model, variables, step = load_model(checkpoint, step)
     config_lib.apply_overrides(config, list(overrides))
-    return config, model, variables, step
+    return tasks.validate_config(config), model, variables, step
   if not init or not config_spec:
     raise UserInputError("give --checkpoint WORKDIR, or --init FILE with --config CFG")
   config = config_lib.load_config(config_spec)
   config_lib.apply_overrides(config, list(overrides))
+  config = tasks.validate_config(config)
   model = models.build_model(config.model)
   return config, model, models.load(model, config, init)[0], None
 

@@ -32,9 +32,7 @@ import uuid
 
 import numpy as np
 
-from miml_jax import io
-from miml_jax import predict
-from miml_jax import visualize
+from miml_jax import io, predict, visualize
 from miml_jax.errors import UserInputError
 
 # Refuses uploads beyond 4096 x 4096 pixels: a model runs at the image's own size, and the
@@ -47,6 +45,7 @@ IMAGE_HEIGHT = 280  # CSS pixels per output picture, so a model's column fits on
 @dataclasses.dataclass(frozen=True)
 class DemoModel:
   """One loaded model: its name on the page, where it came from, and a ready Predictor."""
+
   name: str
   source: str
   model_name: str
@@ -60,6 +59,7 @@ class Upload:
 
   This is the per-upload cache the threshold slider works from.
   """
+
   name: str
   image: np.ndarray
   results: list[tuple[np.ndarray, float]]
@@ -75,7 +75,7 @@ def require_gradio():
   except ModuleNotFoundError as e:
     if e.name != "gradio":
       raise
-    raise UserInputError("miml-jax demo needs gradio: pip install \"miml-jax[demo]\"") from None
+    raise UserInputError('miml-jax demo needs gradio: pip install "miml-jax[demo]"') from None
   return gradio
 
 
@@ -92,19 +92,26 @@ def parse_named_path(flag: str, spec: str, default_name: str | None = None) -> t
   return name, path
 
 
-def load_models(model_specs: list[str], init_spec: str | None, config_spec: str | None,
-                overrides: list[str], resize: str = "none") -> list[DemoModel]:
+def load_models(
+  model_specs: list[str],
+  init_spec: str | None,
+  config_spec: str | None,
+  overrides: list[str],
+  resize: str = "none",
+) -> list[DemoModel]:
   """Loads every model once (before any server starts); a failure names the model and path.
 
   model_specs: 'NAME=WORKDIR_OR_CHECKPOINT' strings; init_spec: '[NAME=]FILE' of `miml-jax
   convert`, built from config_spec. overrides (`--config.a.b=v`) apply to every model's config.
   """
   from miml_jax import checkpoint
+
   if init_spec and not config_spec:
     raise UserInputError("--init needs --config CFG (the experiment config of its model)")
   if config_spec and not init_spec:
-    raise UserInputError("--config goes with --init FILE; a --model checkpoint brings its own "
-                         "config")
+    raise UserInputError(
+      "--config goes with --init FILE; a --model checkpoint brings its own config"
+    )
   named = [("--model",) + parse_named_path("--model", spec) for spec in model_specs]
   if init_spec:
     stem = os.path.splitext(os.path.basename(init_spec.partition("=")[2] or init_spec))[0]
@@ -121,17 +128,32 @@ def load_models(model_specs: list[str], init_spec: str | None, config_spec: str 
     try:
       # A workdir, W/best or one step's folder (W/checkpoints/4); or an init file.
       config, model, variables, step = (
-          checkpoint.load_for_inference(path, overrides=overrides) if flag == "--model" else
-          checkpoint.load_for_inference(None, init=path, config_spec=config_spec,
-                                        overrides=overrides))
+        checkpoint.load_for_inference(path, overrides=overrides)
+        if flag == "--model"
+        else checkpoint.load_for_inference(
+          None, init=path, config_spec=config_spec, overrides=overrides
+        )
+      )
       predictor = predict.Predictor(model, variables, config, batch_size=1, resize=resize)
+      if not predictor.task.single_image:
+        raise UserInputError(
+          f"task '{predictor.task.name}' takes image pairs; the demo shows single-image models"
+        )
     except UserInputError as e:
       raise UserInputError(f"{flag} {name}={path}: cannot load the model: {e}") from e
     except Exception as e:  # Any other failure at startup is still this model's, said so.
-      raise UserInputError(f"{flag} {name}={path}: cannot load the model: "
-                           f"{type(e).__name__}: {e}") from e
-    loaded.append(DemoModel(name=name, source=os.path.abspath(path),
-                            model_name=config.model.name, step=step, predictor=predictor))
+      raise UserInputError(
+        f"{flag} {name}={path}: cannot load the model: {type(e).__name__}: {e}"
+      ) from e
+    loaded.append(
+      DemoModel(
+        name=name,
+        source=os.path.abspath(path),
+        model_name=config.model.name,
+        step=step,
+        predictor=predictor,
+      )
+    )
   return loaded
 
 
@@ -155,15 +177,19 @@ def _header_size(path: str, name: str) -> tuple[int, int] | None:
   """(width, height) from the file's header without decoding it, or None if Pillow cannot say
   (then OpenCV decides whether it is an image at all)."""
   import warnings
+
   from PIL import Image
+
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # We check the size.
       with Image.open(path) as image:
         return image.size
   except Image.DecompressionBombError:
-    raise UserInputError(f"{name}: more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, which "
-                         f"Pillow refuses to open (a possible decompression bomb)") from None
+    raise UserInputError(
+      f"{name}: more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, which "
+      f"Pillow refuses to open (a possible decompression bomb)"
+    ) from None
   except (OSError, ValueError, SyntaxError):
     return None
 
@@ -171,18 +197,20 @@ def _header_size(path: str, name: str) -> tuple[int, int] | None:
 def _check_pixels(name: str, width: int, height: int, max_pixels: int):
   if width * height > max_pixels:
     raise UserInputError(
-        f"{name}: {width}x{height} is {width * height:,} pixels, over this demo's limit of "
-        f"{max_pixels:,} (--max-pixels); upload a smaller image")
+      f"{name}: {width}x{height} is {width * height:,} pixels, over this demo's limit of "
+      f"{max_pixels:,} (--max-pixels); upload a smaller image"
+    )
 
 
-def run_models(models: list[DemoModel], image: np.ndarray, name: str,
-               is_jpeg: bool = False) -> list[tuple[np.ndarray, float]]:
+def run_models(
+  models: list[DemoModel], image: np.ndarray, name: str, is_jpeg: bool = False
+) -> list[tuple[np.ndarray, float]]:
   """Each model's (probability map (H, W) float32, image score or nan) for one image."""
   sample = {"image": image, "id": name, "is_jpeg": is_jpeg}
   results = []
   for model in models:
-    (_, prob, image_prob), = list(model.predictor.predict([sample]))
-    results.append((prob, image_prob))
+    ((_, prediction),) = list(model.predictor.predict([sample]))
+    results.append((prediction["prob"], prediction["image_score"]))
   return results
 
 
@@ -209,8 +237,13 @@ def describe_score(image_prob: float, mask: np.ndarray, threshold: float) -> str
   return f"{score}  \n**{100 * float((mask > 0).mean()):.1f}%** of pixels above {threshold:.2f}"
 
 
-def build_app(models: list[DemoModel], *, max_pixels: int = DEFAULT_MAX_PIXELS,
-              threshold: float = 0.5, work_dir: str | None = None):
+def build_app(
+  models: list[DemoModel],
+  *,
+  max_pixels: int = DEFAULT_MAX_PIXELS,
+  threshold: float = 0.5,
+  work_dir: str | None = None,
+):
   """The Gradio Blocks of the page; its callbacks use the already loaded `models`."""
   gr = require_gradio()
   work_dir = work_dir or tempfile.mkdtemp(prefix="miml_jax_demo_")
@@ -225,15 +258,22 @@ def build_app(models: list[DemoModel], *, max_pixels: int = DEFAULT_MAX_PIXELS,
     except UserInputError as e:
       return [f"**Cannot use this upload.** {e}", None, None] + empty_outputs()
     results = run_models(models, image, name, is_jpeg)
-    upload = Upload(name=name, image=image, results=results,
-                    directory=tempfile.mkdtemp(prefix=uuid.uuid4().hex[:8], dir=work_dir))
+    upload = Upload(
+      name=name,
+      image=image,
+      results=results,
+      directory=tempfile.mkdtemp(prefix=uuid.uuid4().hex[:8], dir=work_dir),
+    )
     outputs = []
     for model, (prob, image_prob) in zip(models, results):
       mask = binary_mask(prob, threshold)
-      outputs += [visualize.heatmap(prob), visualize.overlay(image, prob), mask,
-                  gr.DownloadButton(value=write_mask(upload, model.name, mask, threshold),
-                                    interactive=True),
-                  describe_score(image_prob, mask, threshold)]
+      outputs += [
+        visualize.heatmap(prob),
+        visualize.overlay(image, prob),
+        mask,
+        gr.DownloadButton(value=write_mask(upload, model.name, mask, threshold), interactive=True),
+        describe_score(image_prob, mask, threshold),
+      ]
     status = f"{name}: {image.shape[1]}x{image.shape[0]}, {len(models)} model(s) run"
     return [status, upload, image] + outputs
 
@@ -243,26 +283,35 @@ def build_app(models: list[DemoModel], *, max_pixels: int = DEFAULT_MAX_PIXELS,
     outputs = []
     for model, (prob, image_prob) in zip(models, upload.results):
       mask = binary_mask(prob, threshold)
-      outputs += [mask, gr.DownloadButton(value=write_mask(upload, model.name, mask, threshold),
-                                          interactive=True),
-                  describe_score(image_prob, mask, threshold)]
+      outputs += [
+        mask,
+        gr.DownloadButton(value=write_mask(upload, model.name, mask, threshold), interactive=True),
+        describe_score(image_prob, mask, threshold),
+      ]
     return outputs
 
-  with gr.Blocks(title="miml-jax demo", analytics_enabled=False,
-                 delete_cache=(3600, 3600)) as app:
-    gr.Markdown("## miml-jax: which pixels were edited?\nUpload an image; each model below "
-                "shows its heatmap (blue: authentic, red: edited), the heatmap over the image, "
-                "and the binary mask at the threshold. Moving the threshold re-uses the "
-                "computed maps.")
+  with gr.Blocks(title="miml-jax demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+    gr.Markdown(
+      "## miml-jax: which pixels were edited?\nUpload an image; each model below "
+      "shows its heatmap (blue: authentic, red: edited), the heatmap over the image, "
+      "and the binary mask at the threshold. Moving the threshold re-uses the "
+      "computed maps."
+    )
     with gr.Row():
-      upload_box = gr.File(label="image (PNG, JPEG, TIFF, BMP, WebP)", file_count="single",
-                           type="filepath", elem_id="demo-upload")
+      upload_box = gr.File(
+        label="image (PNG, JPEG, TIFF, BMP, WebP)",
+        file_count="single",
+        type="filepath",
+        elem_id="demo-upload",
+      )
       with gr.Column():
-        slider = gr.Slider(0.0, 1.0, value=threshold, step=0.01, label="threshold",
-                           elem_id="demo-threshold")
+        slider = gr.Slider(
+          0.0, 1.0, value=threshold, step=0.01, label="threshold", elem_id="demo-threshold"
+        )
         status = gr.Markdown("Upload an image to start.", elem_id="demo-status")
-      shown = gr.Image(label="uploaded image", format="png", interactive=False,
-                       elem_id="demo-input")
+      shown = gr.Image(
+        label="uploaded image", format="png", interactive=False, elem_id="demo-input"
+      )
     state = gr.State(None)
     per_model_outputs, threshold_outputs = [], []
     with gr.Row():
@@ -271,24 +320,47 @@ def build_app(models: list[DemoModel], *, max_pixels: int = DEFAULT_MAX_PIXELS,
           step = f", step {model.step}" if model.step is not None else ""
           gr.Markdown(f"### {model.name}\n`{model.model_name}{step}`")
           score = gr.Markdown("", elem_id=f"demo-score-{index}")
-          heatmap = gr.Image(label="heatmap", format="png", interactive=False,
-                             height=IMAGE_HEIGHT, elem_id=f"demo-heatmap-{index}")
-          overlay = gr.Image(label="overlay", format="png", interactive=False,
-                             height=IMAGE_HEIGHT, elem_id=f"demo-overlay-{index}")
-          mask = gr.Image(label="mask", format="png", interactive=False,
-                          height=IMAGE_HEIGHT, elem_id=f"demo-mask-{index}")
-          download = gr.DownloadButton("download mask (PNG)", interactive=False,
-                                       elem_id=f"demo-download-{index}")
+          heatmap = gr.Image(
+            label="heatmap",
+            format="png",
+            interactive=False,
+            height=IMAGE_HEIGHT,
+            elem_id=f"demo-heatmap-{index}",
+          )
+          overlay = gr.Image(
+            label="overlay",
+            format="png",
+            interactive=False,
+            height=IMAGE_HEIGHT,
+            elem_id=f"demo-overlay-{index}",
+          )
+          mask = gr.Image(
+            label="mask",
+            format="png",
+            interactive=False,
+            height=IMAGE_HEIGHT,
+            elem_id=f"demo-mask-{index}",
+          )
+          download = gr.DownloadButton(
+            "download mask (PNG)", interactive=False, elem_id=f"demo-download-{index}"
+          )
           per_model_outputs += [heatmap, overlay, mask, download, score]
           threshold_outputs += [mask, download, score]
-    upload_box.upload(on_upload, inputs=[upload_box, slider],
-                      outputs=[status, state, shown] + per_model_outputs)
+    upload_box.upload(
+      on_upload, inputs=[upload_box, slider], outputs=[status, state, shown] + per_model_outputs
+    )
     slider.change(on_threshold, inputs=[state, slider], outputs=threshold_outputs)
   return app
 
 
-def serve(models: list[DemoModel], *, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-          max_pixels: int = DEFAULT_MAX_PIXELS, threshold: float = 0.5):
+def serve(
+  models: list[DemoModel],
+  *,
+  host: str = "127.0.0.1",
+  port: int = DEFAULT_PORT,
+  max_pixels: int = DEFAULT_MAX_PIXELS,
+  threshold: float = 0.5,
+):
   """Serves the page until Ctrl+C or SIGTERM; the mask files it wrote are removed after."""
   gr = require_gradio()
   if max_pixels < 1:
@@ -301,11 +373,19 @@ def serve(models: list[DemoModel], *, host: str = "127.0.0.1", port: int = DEFAU
   try:
     app = build_app(models, max_pixels=max_pixels, threshold=threshold, work_dir=work_dir)
     # The system font stack: the default theme's web fonts would be fetched from the internet.
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])
+    theme = gr.themes.Default(
+      font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
     try:
-      app.launch(server_name=host, server_port=port, share=False, inbrowser=False,
-                 ssr_mode=False, theme=theme, allowed_paths=[work_dir])
+      app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        inbrowser=False,
+        ssr_mode=False,
+        theme=theme,
+        allowed_paths=[work_dir],
+      )
     except OSError as e:
       raise UserInputError(f"--host {host} --port {port}: cannot serve there: {e}") from e
   except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""Evaluation: the MIML protocol as the headline, every other convention of EVALUATION.md under
+"""Evaluation: the MIML protocol as the headline, every other convention (docs/evaluation.md) under
 its own name, image-level detection, and the material of a report.
 
     miml-jax eval --checkpoint W [--data SOURCE] [--out DIR] [--perturb jpeg:50,70,90] [--json]
@@ -8,7 +8,7 @@ P / R / F1 over manipulated images and their means, the same pooled over all pix
 confusion matrix), and pixel AUC per image (mean) and pooled. Threshold
 (`eval.threshold_policy`): 'fixed' uses `eval.threshold`; 'image_head' is the official rule
 t = clamp(1 - p_tampered_image, 0.3, 0.7), p from the model's image-level head. Test-time resize
-(`eval.resize`): 'none' (every image at its own size) or 'miml' (predict.miml_test_size).
+(`eval.resize`): 'none' (every image at its own size) or 'miml' (transforms.test_size).
 Only images whose mask has a tampered pixel are scored for localisation, as in the protocol.
 
 Other conventions (`eval.conventions`, a comma-separated subset of CONVENTIONS or 'all'), each
@@ -28,8 +28,7 @@ import cv2
 import numpy as np
 
 from miml_jax import metrics as metrics_lib
-from miml_jax import perturb
-from miml_jax import visualize
+from miml_jax import perturb, visualize
 from miml_jax.errors import UserInputError
 from miml_jax.predict import Predictor
 
@@ -38,39 +37,46 @@ def threshold_for(eval_cfg, image_prob: float) -> float:
   if eval_cfg.threshold_policy == "fixed":
     return float(eval_cfg.threshold)
   if eval_cfg.threshold_policy != "image_head":
-    raise UserInputError(f"eval.threshold_policy='{eval_cfg.threshold_policy}': expected "
-                         f"'fixed' or 'image_head'")
+    raise UserInputError(
+      f"eval.threshold_policy='{eval_cfg.threshold_policy}': expected 'fixed' or 'image_head'"
+    )
   return image_head_threshold(image_prob)
 
 
 def image_head_threshold(image_prob: float) -> float:
   """The official rule: t = clamp(1 - p_tampered_image, 0.3, 0.7), p from the image head."""
   if np.isnan(image_prob):
-    raise UserInputError("threshold image_head, but the model has no image head "
-                         "(model.head.image_head=False)")
+    raise UserInputError(
+      "threshold image_head, but the model has no image head (model.head.image_head=False)"
+    )
   return float(np.clip(1.0 - image_prob, 0.3, 0.7))
 
 
 def threshold_name(eval_cfg) -> str:
-  return (f"{eval_cfg.threshold:g}" if eval_cfg.threshold_policy == "fixed"
-          else "image_head")
+  return f"{eval_cfg.threshold:g}" if eval_cfg.threshold_policy == "fixed" else "image_head"
 
 
 def make_predictor(model, variables, config, mesh=None) -> Predictor:
   """The Predictor `evaluate` uses: the config's eval batch size and test-time resize rule."""
-  return Predictor(model, variables, config, batch_size=config.eval.batch_size,
-                   resize=config.eval.resize, mesh=mesh)
+  return Predictor(
+    model,
+    variables,
+    config,
+    batch_size=config.eval.batch_size,
+    resize=config.eval.resize,
+    mesh=mesh,
+  )
 
 
 # name -> what it computes. Means are over manipulated images; F1 etc. use the protocol's
 # formulas (metrics.scores_from_counts), which TruFor's 2TP / (2TP + FP + FN) equals to ~1e-6.
 CONVENTIONS = {
-    "fixed_0.5": "prob > 0.5, per image then averaged (the most common third-party number)",
-    "best_per_image": "each image at its own best-F1 threshold (an oracle upper bound)",
-    "best_per_image_inverse": "best threshold, the better of map and 1 - map (TruFor's max)",
-    "trufor_fixed_0.5": "TruFor's script: boundary band not scored (erode 15, dilate 11), "
-                        "max(F1(map), F1(1 - map)) at 0.5",
-    "trufor_best": "TruFor's script: boundary band not scored, best threshold, either polarity",
+  "fixed_0.5": "prob > 0.5, per image then averaged (the most common third-party number)",
+  "best_per_image": "each image at its own best-F1 threshold (an oracle upper bound)",
+  "best_per_image_inverse": "best threshold, the better of map and 1 - map (TruFor's max)",
+  "trufor_fixed_0.5": "TruFor's script: boundary band not scored (erode 15, dilate 11), "
+  "max(F1(map), F1(1 - map)) at 0.5",
+  "trufor_best": "TruFor's script: boundary band not scored, best threshold, either polarity",
 }
 TRUFOR_BAND = (15, 11)
 IMAGE_SCORE_THRESHOLD = 0.5
@@ -85,8 +91,9 @@ def parse_conventions(value) -> tuple[str, ...]:
     value = [] if value in ("", "none") else [v.strip() for v in value.split(",")]
   unknown = [name for name in value if name not in CONVENTIONS]
   if unknown:
-    raise UserInputError(f"eval.conventions: unknown {', '.join(unknown)} (known: all, none, "
-                         f"{', '.join(CONVENTIONS)})")
+    raise UserInputError(
+      f"eval.conventions: unknown {', '.join(unknown)} (known: all, none, {', '.join(CONVENTIONS)})"
+    )
   return tuple(value)
 
 
@@ -102,19 +109,24 @@ class ConventionScores:
     row = {}
     if self.fixed is not None:
       row["fixed_0.5_f1"] = self.fixed.add(prob, gt, threshold=0.5, name=name)["f1"]
-    band = metrics_lib.border_band(gt, *TRUFOR_BAND) if any(
-        n.startswith("trufor") for n in self.rows) else None
+    band = (
+      metrics_lib.border_band(gt, *TRUFOR_BAND)
+      if any(n.startswith("trufor") for n in self.rows)
+      else None
+    )
     # Both oracles from one sort of the image's pixels.
-    oracle = (metrics_lib.oracle_scores(prob, gt) if {"best_per_image", "best_per_image_inverse"}
-              & set(self.rows) else None)
+    oracle = (
+      metrics_lib.oracle_scores(prob, gt)
+      if {"best_per_image", "best_per_image_inverse"} & set(self.rows)
+      else None
+    )
     for key in self.rows:
       if key == "best_per_image":
         scores = dict(oracle[0])
       elif key == "best_per_image_inverse":
         scores = dict(oracle[1])
       elif key == "trufor_fixed_0.5":
-        scores = metrics_lib.fixed_threshold_scores(prob, band[1], 0.5, valid=band[0],
-                                                    inverse=True)
+        scores = metrics_lib.fixed_threshold_scores(prob, band[1], 0.5, valid=band[0], inverse=True)
       else:  # trufor_best
         scores = metrics_lib.best_threshold_scores(prob, band[1], valid=band[0], inverse=True)
       if key.startswith("trufor"):
@@ -131,8 +143,9 @@ class ConventionScores:
       entry = {"num_images": len(rows)}
       for score in ("iou", "precision", "recall", "f1"):
         entry[score] = float(np.mean([r[score] for r in rows])) if rows else float("nan")
-      entry["inverted_fraction"] = (float(np.mean([r["inverted"] for r in rows]))
-                                    if rows else float("nan"))
+      entry["inverted_fraction"] = (
+        float(np.mean([r["inverted"] for r in rows])) if rows else float("nan")
+      )
       if key.startswith("trufor"):
         entry["num_band_empty"] = int(sum(r["band_empty"] for r in rows))
       result[key] = entry
@@ -160,23 +173,35 @@ class _Extremes:
     row = make_row()
     width = max(1, round(row.shape[1] * self.height / row.shape[0]))
     row = cv2.resize(row, (width, self.height), interpolation=cv2.INTER_AREA)
-    for heap, entry, keep in ((self._best, entry_best, keep_best),
-                              (self._worst, entry_worst, keep_worst)):
+    for heap, entry, keep in (
+      (self._best, entry_best, keep_best),
+      (self._worst, entry_worst, keep_worst),
+    ):
       if keep:
         (heapq.heappush if len(heap) < self.count else heapq.heapreplace)(heap, (*entry, row))
 
   def rows(self) -> dict:
-    return {"best": [r for *_, r in sorted(self._best, reverse=True)],
-            "worst": [r for *_, r in sorted(self._worst, reverse=True)]}
+    return {
+      "best": [r for *_, r in sorted(self._best, reverse=True)],
+      "worst": [r for *_, r in sorted(self._worst, reverse=True)],
+    }
 
 
-def evaluate(model, variables, config, source, out_dir: str | None = None,
-             limit: int | None = None, mesh=None, predictor: Predictor | None = None,
-             conventions=None, extremes: int = 0) -> dict:
-  """Scores `source` (records with 'image' and 'mask'); writes pictures into out_dir if given.
+def evaluate(
+  predictor: Predictor,
+  config,
+  source,
+  out_dir: str | None = None,
+  limit: int | None = None,
+  conventions=None,
+  extremes: int = 0,
+  image_field: str = "image",
+) -> dict:
+  """Scores `source` (records with a 'mask' and `image_field`, the image the predicted map
+  belongs to) with `predictor` (one from make_predictor, holding the weights to score); writes
+  pictures into out_dir if given.
 
-  predictor: one from make_predictor to reuse (its compiled function) with these variables.
-  conventions: names from CONVENTIONS (default: `eval.conventions`, else all).
+  conventions: names from CONVENTIONS (default: `eval.conventions`).
   extremes: keep the k best and k worst images by headline F1 as picture rows
     (result['pictures']) for a report.
   Returns {'summary', 'trivial': {'all_zero', 'all_one'}, 'conventions', 'image_level',
@@ -184,21 +209,24 @@ def evaluate(model, variables, config, source, out_dir: str | None = None,
   """
   eval_cfg = config.eval
   if conventions is None:
-    conventions = eval_cfg.get("conventions", "all")
+    conventions = eval_cfg.conventions
   others = ConventionScores(parse_conventions(conventions))
-  if predictor is None:
-    predictor = make_predictor(model, variables, config, mesh)
-  else:
-    predictor.set_variables(variables)
   scores = metrics_lib.MetricAccumulator()
   all_zero, all_one = metrics_lib.MetricAccumulator(), metrics_lib.MetricAccumulator()
   picked = _Extremes(extremes)
   rows, per_image, detection, skipped_authentic = [], [], [], 0
-  for sample, prob, image_prob in predictor.predict(source, limit=limit):
+  for sample, prediction in predictor.predict(source, limit=limit):
+    prob, image_prob = prediction["prob"], prediction["image_score"]
     gt = sample["mask"] > 0
     manipulated = bool(gt.any()) if "is_authentic" not in sample else not sample["is_authentic"]
-    detection.append({"name": sample["id"], "manipulated": manipulated,
-                      "score_max": float(prob.max()), "score_head": float(image_prob)})
+    detection.append(
+      {
+        "name": sample["id"],
+        "manipulated": manipulated,
+        "score_max": float(prob.max()),
+        "score_head": float(image_prob),
+      }
+    )
     if not gt.any():
       skipped_authentic += 1  # Authentic images get no localisation score in the protocol.
       continue
@@ -209,45 +237,74 @@ def evaluate(model, variables, config, source, out_dir: str | None = None,
     row.update(threshold=threshold, **others.add(prob, gt, sample["id"]))
     per_image.append(row)
 
-    def make_row():  # Drawn only for images that are shown (called within this iteration).
-      return visualize.comparison_row(sample["image"], gt, prob, threshold,
-                                      title=f"{os.path.basename(sample['id'])} F1 {row['f1']:.2f}")
+    def make_row(sample=sample, gt=gt, prob=prob, threshold=threshold, row=row):
+      # Drawn only for images that are shown.
+      return visualize.comparison_row(
+        sample[image_field],
+        gt,
+        prob,
+        threshold,
+        title=f"{os.path.basename(sample['id'])} F1 {row['f1']:.2f}",
+      )
+
     picked.add(row["f1"], make_row)
     if out_dir is not None and len(rows) < eval_cfg.num_pictures:
       rows.append(make_row())
   if not per_image:
     raise UserInputError("evaluation data has no image with a tampered pixel to score")
-  result = {"summary": scores.summary(),
-            "trivial": {"all_zero": all_zero.summary(), "all_one": all_one.summary()},
-            "conventions": others.summary(),
-            "image_level": _image_level(detection),
-            "per_image": per_image, "per_image_detection": detection,
-            "curves": {"pixel": _subsample(scores.pooled_curves())},
-            "threshold": threshold_name(eval_cfg), "resize": eval_cfg.resize,
-            "num_authentic_skipped": skipped_authentic,
-            # Examples left out because their files could not be read (data.on_error='skip').
-            "unreadable_skipped": list(getattr(source, "skipped", []))}
+  result = {
+    "summary": scores.summary(),
+    "trivial": {"all_zero": all_zero.summary(), "all_one": all_one.summary()},
+    "conventions": others.summary(),
+    "image_level": _image_level(detection),
+    "per_image": per_image,
+    "per_image_detection": detection,
+    "curves": {"pixel": _subsample(scores.pooled_curves())},
+    "threshold": threshold_name(eval_cfg),
+    "resize": predictor.resize,
+    "num_authentic_skipped": skipped_authentic,
+    # Examples left out because their files could not be read (data.on_error='skip').
+    "unreadable_skipped": list(getattr(source, "skipped", [])),
+  }
   if extremes > 0:
     result["pictures"] = picked.rows()
-  if out_dir is not None:
+  if out_dir is not None and rows:
     os.makedirs(out_dir, exist_ok=True)
     visualize.save(os.path.join(out_dir, "predictions.png"), visualize.contact_sheet(rows))
   return result
 
 
-def robustness(model, variables, config, source, points, clean: dict | None = None,
-               limit: int | None = None, mesh=None, predictor: Predictor | None = None,
-               log=None) -> list[dict]:
+def robustness(
+  predictor: Predictor,
+  config,
+  source,
+  points,
+  clean: dict | None = None,
+  limit: int | None = None,
+  log=None,
+  image_field: str = "image",
+) -> list[dict]:
   """The headline and image-level numbers on `source` degraded by each (kind, value) of
   `points` (perturb.parse); `clean` (an evaluate() result) adds the undegraded point to each
   kind's curve. One row per point."""
-  predictor = predictor or make_predictor(model, variables, config, mesh)
 
   def row(kind, value, result):
     summary = result["summary"]
     entry = {"kind": kind, "value": value}
-    entry.update({key: summary[key] for key in ("iou", "precision", "recall", "f1", "pixel_auc",
-                                                "pooled_f1", "pixel_auc_pooled")})
+    entry.update(
+      {
+        key: summary[key]
+        for key in (
+          "iou",
+          "precision",
+          "recall",
+          "f1",
+          "pixel_auc",
+          "pooled_f1",
+          "pixel_auc_pooled",
+        )
+      }
+    )
     for score, detection in result["image_level"].items():
       entry[f"image_auc_{score}"] = detection["auc"]
       entry[f"image_balanced_accuracy_{score}"] = detection["balanced_accuracy"]
@@ -258,12 +315,20 @@ def robustness(model, variables, config, source, points, clean: dict | None = No
     if clean is not None and kind not in {r["kind"] for r in rows}:
       rows.append(row(kind, None, clean))
     started = time.time()
-    result = evaluate(model, variables, config, perturb.Perturbed(source, kind, value),
-                      limit=limit, predictor=predictor, conventions=())
+    result = evaluate(
+      predictor,
+      config,
+      perturb.Perturbed(source, kind, value),
+      limit=limit,
+      conventions=(),
+      image_field=image_field,
+    )
     rows.append(row(kind, value, result))
     if log is not None:
-      log(f"robustness {number + 1}/{len(points)}: {kind}:{value} IoU {rows[-1]['iou']:.4f} "
-          f"F1 {rows[-1]['f1']:.4f} ({time.time() - started:.1f}s)")
+      log(
+        f"robustness {number + 1}/{len(points)}: {kind}:{value} IoU {rows[-1]['iou']:.4f} "
+        f"F1 {rows[-1]['f1']:.4f} ({time.time() - started:.1f}s)"
+      )
   return rows
 
 
@@ -278,11 +343,15 @@ def format_robustness(rows: list[dict]) -> str:
 
 def _image_level(detection: list[dict]) -> dict:
   labels = [d["manipulated"] for d in detection]
-  result = {"max": metrics_lib.detection_scores([d["score_max"] for d in detection], labels,
-                                                IMAGE_SCORE_THRESHOLD)}
+  result = {
+    "max": metrics_lib.detection_scores(
+      [d["score_max"] for d in detection], labels, IMAGE_SCORE_THRESHOLD
+    )
+  }
   if detection and not np.isnan(detection[0]["score_head"]):
-    result["head"] = metrics_lib.detection_scores([d["score_head"] for d in detection], labels,
-                                                  IMAGE_SCORE_THRESHOLD)
+    result["head"] = metrics_lib.detection_scores(
+      [d["score_head"] for d in detection], labels, IMAGE_SCORE_THRESHOLD
+    )
   return result
 
 
@@ -296,31 +365,43 @@ def _subsample(curves: dict, points: int = 201) -> dict:
 def format_table(result: dict) -> str:
   """The human-readable tables: model vs the trivial predictors, the other conventions, and
   image-level detection."""
+
   def number(value):
     return f"{value:>8.4f}" if value == value else f"{'-':>8}"
 
   lines = [f"{'':<26}{'IoU':>8}{'P':>8}{'R':>8}{'F1':>8}{'pixAUC':>8}"]
-  for name, summary in ((f"model (t={result['threshold']})", result["summary"]),
-                        ("pooled pixels", {k[7:]: v for k, v in result["summary"].items()
-                                           if k.startswith("pooled_")}
-                         | {"pixel_auc": result["summary"]["pixel_auc_pooled"]}),
-                        ("all-zero", result["trivial"]["all_zero"]),
-                        ("all-one", result["trivial"]["all_one"])):
-    lines.append(f"{name:<26}" + "".join(number(summary[k]) for k in
-                                         ("iou", "precision", "recall", "f1", "pixel_auc")))
+  for name, summary in (
+    (f"model (t={result['threshold']})", result["summary"]),
+    (
+      "pooled pixels",
+      {k[7:]: v for k, v in result["summary"].items() if k.startswith("pooled_")}
+      | {"pixel_auc": result["summary"]["pixel_auc_pooled"]},
+    ),
+    ("all-zero", result["trivial"]["all_zero"]),
+    ("all-one", result["trivial"]["all_one"]),
+  ):
+    lines.append(
+      f"{name:<26}"
+      + "".join(number(summary[k]) for k in ("iou", "precision", "recall", "f1", "pixel_auc"))
+    )
   for name, summary in result.get("conventions", {}).items():
-    lines.append(f"{name:<26}" + "".join(number(summary[k]) for k in
-                                         ("iou", "precision", "recall", "f1")))
-  lines.append(f"{result['summary']['num_images']} manipulated images scored; resize "
-               f"{result['resize']}")
+    lines.append(
+      f"{name:<26}" + "".join(number(summary[k]) for k in ("iou", "precision", "recall", "f1"))
+    )
+  lines.append(
+    f"{result['summary']['num_images']} manipulated images scored; resize {result['resize']}"
+  )
   for score, detection in result.get("image_level", {}).items():
-    lines.append(f"image level (score {score}): AUC {number(detection['auc']).strip()}  "
-                 f"acc {number(detection['accuracy']).strip()}  balanced acc "
-                 f"{number(detection['balanced_accuracy']).strip()}  "
-                 f"({detection['num_manipulated']} manipulated, {detection['num_authentic']} "
-                 f"authentic)")
+    lines.append(
+      f"image level (score {score}): AUC {number(detection['auc']).strip()}  "
+      f"acc {number(detection['accuracy']).strip()}  balanced acc "
+      f"{number(detection['balanced_accuracy']).strip()}  "
+      f"({detection['num_manipulated']} manipulated, {detection['num_authentic']} "
+      f"authentic)"
+    )
   skipped = result.get("unreadable_skipped", [])
   if skipped:
-    lines.append(f"{len(skipped)} unreadable example(s) left out (data.on_error='skip'), e.g. "
-                 f"{skipped[0]}")
+    lines.append(
+      f"{len(skipped)} unreadable example(s) left out (data.on_error='skip'), e.g. {skipped[0]}"
+    )
   return "\n".join(lines)

@@ -92,8 +92,9 @@ def read_soft_mask(path: str) -> np.ndarray:
 def check_same_size(image: np.ndarray, mask: np.ndarray, image_path: str, mask_path: str):
   if image.shape[:2] != mask.shape[:2]:
     raise UserInputError(
-        f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is "
-        f"{image.shape[1]}x{image.shape[0]} (width x height)")
+      f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path} is "
+      f"{image.shape[1]}x{image.shape[0]} (width x height)"
+    )
 
 
 def encode_image(image: np.ndarray, extension: str = ".png") -> bytes:
@@ -121,5 +122,7 @@ def list_images(folder: str) -> list[str]:
   if not os.path.isdir(folder):
     raise UserInputError(f"{folder}: no such directory")
   return sorted(
-      os.path.join(folder, name) for name in os.listdir(folder)
-      if name.lower().endswith(IMAGE_EXTENSIONS))
+    os.path.join(folder, name)
+    for name in os.listdir(folder)
+    if name.lower().endswith(IMAGE_EXTENSIONS)
+  )

@@ -7,9 +7,13 @@ softmax probability of the true class per valid pixel; threshold = max(thresh, t
 probability is below the threshold.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from miml_jax import config as config_lib
+from miml_jax.errors import UserInputError
 from miml_jax.input.transforms import IGNORE_LABEL
 from miml_jax.models.layers import resize_bilinear
 
@@ -56,16 +60,59 @@ def dice_loss(logits, labels, smooth: float = 1.0):
   return 1.0 - (2.0 * intersection + smooth) / (jnp.sum(prob) + jnp.sum(target) + smooth)
 
 
+def _ohem(logits, labels, config):
+  return ohem_cross_entropy(logits, labels, config.ohem_thresh, config.ohem_min_kept)
+
+
+def _ce(logits, labels, config):
+  del config
+  return cross_entropy(logits, labels)
+
+
+# loss.name -> the per-pixel loss of one output: (logits at label size, labels, the loss
+# section) -> scalar. SegmentationLossConfig.name is checked against it.
+LOSSES = {"ohem": _ohem, "ce": _ce}
+
+
+def _check_weights(weights) -> str | None:
+  if not weights:
+    return "expected at least one weight (the final output's)"
+  if any(w < 0 for w in weights):
+    return f"expected non-negative weights, got {weights!r}"
+  return None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SegmentationLossConfig:
+  """The `loss` section of the segmentation task (config.validate checks it)."""
+
+  name: str = config_lib.setting(choices=LOSSES)
+  # Final output first, then the auxiliary ones in order; the last repeats for any beyond.
+  weights: tuple[float, ...] = config_lib.setting(check=_check_weights)
+  # OHEM's probability threshold and kept-pixel floor (ohem_cross_entropy's defaults).
+  ohem_thresh: float = config_lib.probability(0.7)
+  ohem_min_kept: int = config_lib.setting(100_000, ge=0)
+  # Each output's term becomes loss + dice_weight * Dice; 0 (the official recipe): none.
+  dice_weight: float = config_lib.setting(0.0, ge=0)
+  # The image head's CE, when the model has one. Required: the trainer has always read it
+  # directly, and a default would silently leave an image head untrained (or train one).
+  image_weight: float = config_lib.setting(ge=0)
+
+
 def segmentation_loss(outputs: dict, labels: jnp.ndarray, config) -> tuple[jnp.ndarray, dict]:
   """Weighted sum of the loss on the final logits and on each auxiliary output.
 
   Logits (at 1/4 resolution) are upsampled to the label size first, as mmseg does.
-  config: loss.name ('ohem' | 'ce'), loss.weights (final first, then aux in order; the official
-  recipe weighs every output by 0.5), loss.ohem_thresh, loss.ohem_min_kept, and optionally
-  loss.dice_weight (default 0, the official recipe): each output's term becomes
-  CE + dice_weight * Dice.
+  config: the `loss` section (SegmentationLossConfig): loss.name (a key of LOSSES),
+  loss.weights (final first, then aux in order; the official recipe weighs every output by
+  0.5), loss.ohem_thresh, loss.ohem_min_kept, and optionally loss.dice_weight (default 0, the
+  official recipe): each output's term becomes CE + dice_weight * Dice.
   """
+  # Sections that did not go through config.validate (tests, older callers) may lack it.
   dice_weight = config.get("dice_weight", 0.0)
+  pixel_loss = LOSSES.get(config.name)
+  if pixel_loss is None:
+    raise UserInputError(f"loss.name: unknown loss {config.name!r} (known: {', '.join(LOSSES)})")
   size = labels.shape[1:3]
   all_logits = [outputs["logits"], *outputs.get("aux", ())]
   weights = list(config.weights)
@@ -75,12 +122,7 @@ def segmentation_loss(outputs: dict, labels: jnp.ndarray, config) -> tuple[jnp.n
   total = 0.0
   for i, (logits, weight) in enumerate(zip(all_logits, weights)):
     logits = resize_bilinear(logits.astype(jnp.float32), size, align_corners=False)
-    if config.name == "ohem":
-      value = ohem_cross_entropy(logits, labels, config.ohem_thresh, config.ohem_min_kept)
-    elif config.name == "ce":
-      value = cross_entropy(logits, labels)
-    else:
-      raise ValueError(f"loss.name: unknown loss '{config.name}' (ohem, ce)")
+    value = pixel_loss(logits, labels, config)
     if dice_weight:
       value = value + dice_weight * dice_loss(logits, labels)
     terms["loss_final" if i == 0 else f"loss_aux{i - 1}"] = value

@@ -21,7 +21,6 @@ import jax
 
 
 class MetricWriter:
-
   def __init__(self, workdir: str, tensorboard: bool = True, start_step: int = 0):
     self.enabled = jax.process_index() == 0
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
@@ -38,11 +37,16 @@ class MetricWriter:
     if tensorboard:
       from tensorboard.compat.proto import event_pb2
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
       self._events = EventFileWriter(os.path.join(workdir, "tensorboard"))
       if start_step:
-        self._events.add_event(event_pb2.Event(
-            wall_time=time.time(), step=start_step,
-            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+        self._events.add_event(
+          event_pb2.Event(
+            wall_time=time.time(),
+            step=start_step,
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+          )
+        )
 
   def write(self, step: int, scalars: dict):
     """Appends {'step': step, **scalars} to metrics.jsonl and each number to TensorBoard."""
@@ -52,12 +56,15 @@ class MetricWriter:
       f.write(json.dumps({"step": step, **scalars}) + "\n")
     if self._events is not None:
       from tensorboard.compat.proto import event_pb2, summary_pb2
-      values = [summary_pb2.Summary.Value(tag=name, simple_value=float(value))
-                for name, value in scalars.items()
-                if isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value)]
-      self._events.add_event(event_pb2.Event(
-          wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
+
+      values = [
+        summary_pb2.Summary.Value(tag=name, simple_value=float(value))
+        for name, value in scalars.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+      ]
+      self._events.add_event(
+        event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values))
+      )
 
   def flush(self):
     if self._events is not None:

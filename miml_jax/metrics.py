@@ -14,17 +14,13 @@ numbers are the same formulas on counts summed over the dataset (one confusion m
 Pixel AUC comes per image (exact, with ties counted as 1/2 like sklearn's roc_auc_score) and
 pooled over the dataset (from fixed-bin histograms, see `MetricAccumulator`).
 
-`confusion_counts` / `confusion_counts_batch` are JAX (for an on-device eval step);
-`MetricAccumulator` runs on the host in NumPy with exact integer counts, because it needs a sort
-per image for AUC and would otherwise recompile for every new image size.
+Everything runs on the host in NumPy with exact integer counts: AUC needs a sort per image, and a
+jitted count would recompile for every new image size.
 """
 
-from collections.abc import Sequence
 import math
 
 import cv2
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from miml_jax.errors import UserInputError
@@ -37,69 +33,26 @@ DEFAULT_NUM_BINS = 10000
 
 _SCORE_KEYS = ("iou", "precision", "recall", "f1")
 # The summary values where higher is better (what `train.best_metric` may name).
-SUMMARY_SCORES = (*_SCORE_KEYS, *(f"pooled_{key}" for key in _SCORE_KEYS), "pixel_auc",
-                  "pixel_auc_pooled")
+SUMMARY_SCORES = (
+  *_SCORE_KEYS,
+  *(f"pooled_{key}" for key in _SCORE_KEYS),
+  "pixel_auc",
+  "pixel_auc_pooled",
+)
 
 
-def _confusion(xp, pred, gt, valid, count_dtype):
-  """tp, fp, fn, tn with the MIML rules; `xp` is numpy or jax.numpy so both share one formula."""
+def _confusion(pred, gt, valid=None) -> tuple[int, int, int, int]:
+  """tp, fp, fn, tn with the MIML rules, counted exactly (int64) on the valid pixels."""
   # pred is already binary in the protocol; `> 0` also accepts 0/1 ints and bools.
-  pred = pred > 0
-  gt = gt > 0
+  pred = np.asarray(pred) > 0
+  gt = np.asarray(gt) > 0
   neg_pred = ~pred
   neg_gt = ~gt
   cells = (pred & gt, pred & neg_gt, neg_pred & gt, neg_pred & neg_gt)
   if valid is not None:
-    valid = valid.astype(bool)
+    valid = np.asarray(valid, dtype=bool)
     cells = tuple(cell & valid for cell in cells)
-  return tuple(xp.sum(cell, dtype=count_dtype) for cell in cells)
-
-
-def confusion_counts(pred, gt, valid=None) -> dict[str, jax.Array]:
-  """Confusion counts of one binary prediction against its ground truth.
-
-  Traceable (call it inside your jitted eval step); see `confusion_counts_batch` for batches.
-
-  Args:
-    pred: (H, W) binary prediction; any value > 0 is positive.
-    gt: (H, W) ground truth; positive iff > 0 (the MIML rule).
-    valid: optional (H, W) boolean mask; pixels where it is False are not counted.
-
-  Returns:
-    dict with float32 scalars tp, fp, fn, tn.
-  """
-  pred, gt = jnp.asarray(pred), jnp.asarray(gt)
-  if pred.shape != gt.shape:
-    raise ValueError(f"pred has shape {pred.shape} but gt has shape {gt.shape}")
-  if valid is not None:
-    valid = jnp.asarray(valid)
-    if valid.shape != pred.shape:
-      raise ValueError(f"valid has shape {valid.shape} but pred has shape {pred.shape}")
-  # Counted in int32 (exact up to 2^31 pixels), returned as float32 for the score formulas.
-  counts = _confusion(jnp, pred, gt, valid, jnp.int32)
-  return {key: value.astype(jnp.float32) for key, value in zip(("tp", "fp", "fn", "tn"), counts)}
-
-
-@jax.jit
-def _confusion_counts_batch(pred, gt, valid):
-  if valid is None:
-    return jax.vmap(confusion_counts)(pred, gt)
-  return jax.vmap(confusion_counts)(pred, gt, valid)
-
-
-def confusion_counts_batch(pred, gt, valid=None) -> dict[str, jax.Array]:
-  """`confusion_counts` over a (B, H, W) batch, jitted and vmapped; returns (B,) float32 arrays.
-
-  Images of different sizes are padded into one batch with `valid` False on the padding.
-  """
-  pred, gt = jnp.asarray(pred), jnp.asarray(gt)
-  if pred.ndim != 3 or pred.shape != gt.shape:
-    raise ValueError(f"expected pred and gt of one (B, H, W) shape, got {pred.shape}, {gt.shape}")
-  if valid is not None:
-    valid = jnp.asarray(valid, dtype=bool)
-    if valid.shape != pred.shape:
-      raise ValueError(f"valid has shape {valid.shape} but pred has shape {pred.shape}")
-  return _confusion_counts_batch(pred, gt, valid)
+  return tuple(int(np.sum(cell, dtype=np.int64)) for cell in cells)
 
 
 def scores_from_counts(tp, fp, fn) -> dict:
@@ -212,12 +165,9 @@ class MetricAccumulator:
     self._tp = self._fp = self._fn = self._tn = 0
     self._rows: list[dict] = []
 
-  def add(self,
-          prob,
-          gt,
-          threshold: float = DEFAULT_THRESHOLD,
-          valid=None,
-          name: str | None = None):
+  def add(
+    self, prob, gt, threshold: float = DEFAULT_THRESHOLD, valid=None, name: str | None = None
+  ):
     """Adds one image.
 
     Args:
@@ -239,7 +189,8 @@ class MetricAccumulator:
     prob, gt = np.asarray(prob), np.asarray(gt)
     if prob.ndim != 2 or prob.shape != gt.shape:
       raise UserInputError(
-          f"{label}: expected prob and gt of one (H, W) shape, got {prob.shape} and {gt.shape}")
+        f"{label}: expected prob and gt of one (H, W) shape, got {prob.shape} and {gt.shape}"
+      )
     if valid is not None:
       valid = np.asarray(valid, dtype=bool)
       if valid.shape != prob.shape:
@@ -250,10 +201,11 @@ class MetricAccumulator:
     gt = gt > 0
     if prob.size and not (np.all(np.isfinite(prob)) and prob.min() >= 0 and prob.max() <= 1):
       raise UserInputError(
-          f"{label}: probabilities must be finite and within [0, 1], got {_value_range(prob)} "
-          "(a 0..255 map must be divided by 255 first)")
+        f"{label}: probabilities must be finite and within [0, 1], got {_value_range(prob)} "
+        "(a 0..255 map must be divided by 255 first)"
+      )
 
-    tp, fp, fn, tn = (int(c) for c in _confusion(np, prob > threshold, gt, None, np.int64))
+    tp, fp, fn, tn = _confusion(prob > threshold, gt)
     self._tp += tp
     self._fp += fp
     self._fn += fn
@@ -266,24 +218,9 @@ class MetricAccumulator:
     row = {"name": name}
     scores = scores_from_counts(float(tp), float(fp), float(fn))
     row.update({key: float(value) for key, value in scores.items()})
-    row["auc"] = _auc_flat(prob, gt)
+    row["auc"] = pixel_auc(prob, gt)
     self._rows.append(row)
     return dict(row)
-
-  def add_batch(self, probs, gts, threshold=DEFAULT_THRESHOLD, valid=None,
-                names: Sequence[str] | None = None):
-    """Adds a (B, H, W) batch; `threshold` is one float or one per image, `valid` (B, H, W)."""
-    probs, gts = np.asarray(probs), np.asarray(gts)
-    if probs.ndim != 3:
-      raise ValueError(f"add_batch expects (B, H, W) probabilities, got shape {probs.shape}")
-    count = probs.shape[0]
-    thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (count,))
-    if names is not None and len(names) != count:
-      raise ValueError(f"got {len(names)} names for a batch of {count}")
-    for index in range(count):
-      self.add(probs[index], gts[index], float(thresholds[index]),
-               None if valid is None else valid[index],
-               None if names is None else names[index])
 
   def summary(self) -> dict:
     """The dataset numbers, as plain Python numbers.
@@ -322,31 +259,15 @@ class MetricAccumulator:
     num_pos, num_neg = max(tp[-1], 1.0), max(fp[-1], 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
       precision = np.where(tp + fp > 0, tp / (tp + fp), 1.0)
-    return {"threshold": np.arange(self.num_bins, -1, -1) / self.num_bins,
-            "precision": precision, "recall": tp / num_pos, "fpr": fp / num_neg}
+    return {
+      "threshold": np.arange(self.num_bins, -1, -1) / self.num_bins,
+      "precision": precision,
+      "recall": tp / num_pos,
+      "fpr": fp / num_neg,
+    }
 
 
-def trivial_predictor_scores(gts: Sequence[np.ndarray],
-                             num_bins: int = DEFAULT_NUM_BINS) -> dict[str, dict]:
-  """Summaries of the all-zero and all-one predictors on these ground-truth masks.
-
-  The floor any model must beat: all-zero scores 0 everywhere; all-one scores IoU = P = the
-  manipulated area fraction and R ~ 1; both have pixel AUC 0.5.
-
-  Returns:
-    {"all_zero": summary, "all_one": summary}, each as `MetricAccumulator.summary()`.
-  """
-  result = {}
-  for key, value in (("all_zero", 0.0), ("all_one", 1.0)):
-    accumulator = MetricAccumulator(num_bins)
-    for gt in gts:
-      gt = np.asarray(gt)
-      accumulator.add(np.full(gt.shape, value, np.float32), gt)
-    result[key] = accumulator.summary()
-  return result
-
-
-# ---- Other conventions (EVALUATION.md) ---------------------------------------------------------
+# ---- Other conventions (docs/evaluation.md) ----------------------------------------------------
 # Third-party papers score the same maps differently; each rule below is one named convention,
 # reported under its own name by evaluate.py and never folded into the protocol's numbers.
 
@@ -366,10 +287,12 @@ def border_band(gt, erode: int = 15, dilate: int = 11) -> tuple[np.ndarray, np.n
     if size < 1 or size % 2 == 0:
       raise UserInputError(f"border band: {name} size must be odd and >= 1, got {size}")
   gt = (np.asarray(gt) > 0).astype(np.uint8)
-  positives = cv2.erode(gt, np.ones((erode, erode), np.uint8),
-                        borderType=cv2.BORDER_REFLECT).astype(bool)
-  negatives = ~cv2.dilate(gt, np.ones((dilate, dilate), np.uint8),
-                          borderType=cv2.BORDER_REFLECT).astype(bool)
+  positives = cv2.erode(
+    gt, np.ones((erode, erode), np.uint8), borderType=cv2.BORDER_REFLECT
+  ).astype(bool)
+  negatives = ~cv2.dilate(
+    gt, np.ones((dilate, dilate), np.uint8), borderType=cv2.BORDER_REFLECT
+  ).astype(bool)
   return positives | negatives, positives
 
 
@@ -414,16 +337,25 @@ def oracle_scores(prob, gt, valid=None) -> tuple[dict, dict]:
     valid = np.asarray(valid, bool)
     prob, gt = prob[valid], gt[valid]
   if prob.size == 0:
-    empty = {"iou": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "threshold": math.nan,
-             "inverted": False}
+    empty = {
+      "iou": 0.0,
+      "precision": 0.0,
+      "recall": 0.0,
+      "f1": 0.0,
+      "threshold": math.nan,
+      "inverted": False,
+    }
     return empty, dict(empty)
   tp, fp, thresholds = threshold_sweep(prob, gt)
   fn, tn = float(gt.sum()) - tp, float((~gt).sum()) - fp
 
   def best(scores, inverted):
     k = int(np.argmax(scores["f1"]))
-    return dict({key: float(value[k]) for key, value in scores.items()},
-                threshold=float(thresholds[k]), inverted=inverted)
+    return dict(
+      {key: float(value[k]) for key, value in scores.items()},
+      threshold=float(thresholds[k]),
+      inverted=inverted,
+    )
 
   plain = best(scores_from_counts(tp, fp, fn), False)
   # The complement predicts what the map leaves out: tp <-> fn, fp <-> tn.
@@ -434,8 +366,7 @@ def oracle_scores(prob, gt, valid=None) -> tuple[dict, dict]:
 def fixed_threshold_scores(prob, gt, threshold: float, valid=None, inverse: bool = False) -> dict:
   """IoU / P / R / F1 of prob > threshold on the valid pixels; with `inverse`, the better of the
   map and its complement (TruFor's fixed-threshold F1)."""
-  tp, fp, fn, tn = (float(c) for c in _confusion(np, np.asarray(prob) > threshold,
-                                                  np.asarray(gt), valid, np.int64))
+  tp, fp, fn, tn = (float(c) for c in _confusion(np.asarray(prob) > threshold, gt, valid))
   best = dict(scores_from_counts(tp, fp, fn), inverted=False)
   if inverse:
     flipped = scores_from_counts(fn, tn, tp)
@@ -450,15 +381,21 @@ def detection_scores(scores, labels, threshold: float = 0.5) -> dict:
   scores = np.asarray(scores, np.float64)
   labels = np.asarray(labels).astype(bool)
   if scores.shape != labels.shape or scores.ndim != 1:
-    raise ValueError(f"scores {scores.shape} and labels {labels.shape}: expected two 1-D arrays "
-                     f"of one length")
+    raise ValueError(
+      f"scores {scores.shape} and labels {labels.shape}: expected two 1-D arrays of one length"
+    )
   if not np.all(np.isfinite(scores)):
     raise UserInputError(f"image scores: {_value_range(scores)}")
   pred = scores > threshold
   tpr = float(np.mean(pred[labels])) if labels.any() else math.nan
   tnr = float(np.mean(~pred[~labels])) if (~labels).any() else math.nan
-  return {"auc": _auc_flat(scores, labels) if scores.size else math.nan,
-          "accuracy": float(np.mean(pred == labels)) if scores.size else math.nan,
-          "balanced_accuracy": (tpr + tnr) / 2, "tpr": tpr, "tnr": tnr,
-          "num_manipulated": int(labels.sum()), "num_authentic": int((~labels).sum()),
-          "threshold": float(threshold)}
+  return {
+    "auc": _auc_flat(scores, labels) if scores.size else math.nan,
+    "accuracy": float(np.mean(pred == labels)) if scores.size else math.nan,
+    "balanced_accuracy": (tpr + tnr) / 2,
+    "tpr": tpr,
+    "tnr": tnr,
+    "num_manipulated": int(labels.sum()),
+    "num_authentic": int((~labels).sum()),
+    "threshold": float(threshold),
+  }

@@ -13,15 +13,15 @@ import jax
 
 # (substring of jax Device.device_kind, dense bf16 FLOP/s per device); more specific first.
 PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("TPU v6 lite", 918e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5", 459e12),  # v5p
-    ("TPU v4", 275e12),
+  ("H100 PCIe", 756e12),
+  ("H100", 989e12),
+  ("H200", 989e12),
+  ("B200", 2250e12),
+  ("A100", 312e12),
+  ("TPU v6 lite", 918e12),
+  ("TPU v5 lite", 197e12),
+  ("TPU v5", 459e12),  # v5p
+  ("TPU v4", 275e12),
 )
 
 

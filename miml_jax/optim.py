@@ -1,4 +1,4 @@
-"""The optimiser of the paper's recipe (METHODS.md section 5), built from config with optax.
+"""The optimiser of the paper's recipe (docs/methods.md, Training recipe), built with optax.
 
 AdamW (no weight decay on 1-D parameters and biases), a per-parameter learning-rate scale from
 the ConvNeXt stage-wise decay rule, mmcv's poly (or cosine) curve with linear warm-up, gradient
@@ -14,21 +14,40 @@ min_lr is absolute, not scaled with the group.
 
 from typing import NamedTuple
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
+
+from miml_jax.errors import UserInputError
+
+
+def _poly(progress, power):
+  return (1.0 - progress) ** power
+
+
+def _cosine(progress, power):
+  del power
+  return 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+
+
+def _constant(progress, power):
+  del power
+  return jnp.ones_like(progress)
+
+
+# optim.schedule -> curve(progress in [0, 1], power); config.OptimConfig checks the name.
+SCHEDULES = {"poly": _poly, "cosine": _cosine, "constant": _constant}
 
 
 def lr_curve(step, *, total_steps: int, schedule: str, power: float = 1.0):
   progress = jnp.clip(step / max(total_steps, 1), 0.0, 1.0)
-  if schedule == "poly":
-    return (1.0 - progress) ** power
-  if schedule == "cosine":
-    return 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-  if schedule == "constant":
-    return jnp.ones_like(progress)
-  raise ValueError(f"optim.schedule: unknown schedule '{schedule}' (poly, cosine, constant)")
+  curve = SCHEDULES.get(schedule)
+  if curve is None:
+    raise UserInputError(
+      f"optim.schedule: unknown schedule {schedule!r} (known: {', '.join(SCHEDULES)})"
+    )
+  return curve(progress, power)
 
 
 def warmup_factor(step, *, warmup_steps: int, warmup_ratio: float):
@@ -43,8 +62,9 @@ def warmup_factor(step, *, warmup_steps: int, warmup_ratio: float):
 def learning_rate(step, scale, config):
   """The learning rate of a group with lr scale `scale` at optimiser step `step`."""
   step = jnp.asarray(step, jnp.float32)
-  curve = lr_curve(step, total_steps=config.total_steps, schedule=config.schedule,
-                   power=config.power)
+  curve = lr_curve(
+    step, total_steps=config.total_steps, schedule=config.schedule, power=config.power
+  )
   warm = warmup_factor(step, warmup_steps=config.warmup_steps, warmup_ratio=config.warmup_ratio)
   return warm * ((scale * config.lr - config.min_lr) * curve + config.min_lr)
 
@@ -89,17 +109,33 @@ def scale_by_group_schedule(lr_scales, config) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     del params
     updates = jax.tree_util.tree_map(
-        lambda u, s: -learning_rate(state.count, s, config).astype(u.dtype) * u, updates,
-        lr_scales)
+      lambda u, s: -learning_rate(state.count, s, config).astype(u.dtype) * u, updates, lr_scales
+    )
     return updates, ScheduledScaleState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _adamw(config) -> list[optax.GradientTransformation]:
+  """Adam's moments, then decoupled weight decay (not on 1-D parameters), as torch's AdamW."""
+  return [
+    optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+    optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
+  ]
+
+
+# optim.name -> the transformations between clipping and the learning rate (which every
+# optimiser shares: scale_by_group_schedule); config.OptimConfig checks the name.
+OPTIMIZERS = {"adamw": _adamw}
+
+
 def make_optimizer(config, params) -> optax.GradientTransformation:
   """config: the `optim` ConfigDict (see experiments/*.py)."""
-  if config.name != "adamw":
-    raise ValueError(f"optim.name: unknown optimiser '{config.name}' (adamw)")
+  direction = OPTIMIZERS.get(config.name)
+  if direction is None:
+    raise UserInputError(
+      f"optim.name: unknown optimiser {config.name!r} (known: {', '.join(OPTIMIZERS)})"
+    )
   if config.layer_decay < 1.0:
     lr_scales = stage_wise_lr_scales(params, config.layer_decay, config.layer_decay_num_layers)
   else:
@@ -107,11 +143,7 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
   parts = []
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  parts += [
-      optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
-      optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
-      scale_by_group_schedule(lr_scales, config),
-  ]
+  parts += [*direction(config), scale_by_group_schedule(lr_scales, config)]
   optimizer = optax.chain(*parts)
   if config.accumulate_steps > 1:
     optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.accumulate_steps)

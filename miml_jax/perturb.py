@@ -1,4 +1,4 @@
-"""Robustness sweeps: the evaluation data degraded before the model sees it (EVALUATION.md, 7).
+"""Robustness sweeps (docs/evaluation.md): the evaluation data degraded before the model sees it.
 
     miml-jax eval --checkpoint W --data SOURCE --perturb jpeg:50,60,70,80,90,100 \
         --perturb blur:3,7,11,15,19,23 --perturb noise:3,7,11 --perturb resize:0.5,0.75,1.5
@@ -31,8 +31,9 @@ def parse(specs: list[str]) -> list[tuple[str, float]]:
     kind, _, values = spec.partition(":")
     kind = kind.strip()
     if kind not in KINDS or not values.strip():
-      raise UserInputError(f"--perturb {spec}: expected KIND:V1,V2,... with KIND one of "
-                           f"{', '.join(KINDS)}")
+      raise UserInputError(
+        f"--perturb {spec}: expected KIND:V1,V2,... with KIND one of {', '.join(KINDS)}"
+      )
     for text in values.split(","):
       try:
         value = float(text)
@@ -45,14 +46,18 @@ def parse(specs: list[str]) -> list[tuple[str, float]]:
 
 def _check(kind: str, value: float, spec: str):
   problems = {
-      "jpeg": not (1 <= value <= 100 and value == int(value)),
-      "blur": not (value >= 3 and value == int(value) and int(value) % 2 == 1),
-      "noise": not value >= 0,
-      "resize": not value > 0,
+    "jpeg": not (1 <= value <= 100 and value == int(value)),
+    "blur": not (value >= 3 and value == int(value) and int(value) % 2 == 1),
+    "noise": not value >= 0,
+    "resize": not value > 0,
   }
   if problems[kind]:
-    rule = {"jpeg": "an integer quality 1..100", "blur": "an odd kernel size >= 3",
-            "noise": "a standard deviation >= 0", "resize": "a scale factor > 0"}[kind]
+    rule = {
+      "jpeg": "an integer quality 1..100",
+      "blur": "an odd kernel size >= 3",
+      "noise": "a standard deviation >= 0",
+      "resize": "a scale factor > 0",
+    }[kind]
     raise UserInputError(f"--perturb {spec}: {value:g} is not {rule}")
 
 
@@ -69,8 +74,10 @@ def apply(image: np.ndarray, mask: np.ndarray, kind: str, value, seed: int):
   if kind == "resize":
     height, width = image.shape[:2]
     size = (max(1, round(width * value)), max(1, round(height * value)))
-    return (cv2.resize(image, size, interpolation=cv2.INTER_LINEAR),
-            cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST))
+    return (
+      cv2.resize(image, size, interpolation=cv2.INTER_LINEAR),
+      cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST),
+    )
   raise UserInputError(f"perturbation '{kind}': expected one of {', '.join(KINDS)}")
 
 
@@ -91,6 +98,11 @@ class Perturbed:
     sample = self.source[index]
     if sample is None:  # Left out by data.on_error='skip'.
       return None
-    image, mask = apply(sample["image"], sample["mask"], self.kind, self.value,
-                        seed=self.seed * 1_000_003 + int(index))
+    image, mask = apply(
+      sample["image"],
+      sample["mask"],
+      self.kind,
+      self.value,
+      seed=self.seed * 1_000_003 + int(index),
+    )
     return dict(sample, image=image, mask=mask)

@@ -1,10 +1,11 @@
-"""Inference: images in, per-pixel tampering probability (at each image's own size) out.
+"""Inference: samples in, the task's named predictions (per-pixel probability maps at each
+image's own size, scores) out.
 
-Images are padded to a multiple of 32 (never cropped) and grouped into fixed-size batches per
-padded shape, so each shape compiles once. Optionally the MIML test-time resize rule is applied
-first (EVALUATION.md): area >= 1536^2 -> 976x976; area > 512^2 or not a JPEG -> native size;
-otherwise (small JPEGs such as CASIA v1) -> 512x512. Logits are resized back to the original
-size and only then turned into probabilities, as the official scripts do.
+The task (tasks/) turns each sample into the model's inputs: for the dense tasks every image is
+optionally resized by the MIML test-time rule first (transforms.test_size), then padded to a
+multiple of 32 (never cropped); samples are grouped into fixed-size batches per input shape, so
+each shape compiles once, and the task maps each prediction back (for maps: logits cropped,
+resized to the original size, and only then made probabilities, as the official scripts do).
 
     miml-jax predict photo.jpg more/ --checkpoint W --out predictions/
 """
@@ -12,70 +13,55 @@ size and only then turned into probabilities, as the official scripts do.
 import json
 import os
 
-import cv2
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from miml_jax import io
-from miml_jax import sharding
-from miml_jax import visualize
+from miml_jax import io, sharding, tasks, visualize
 from miml_jax.errors import UserInputError
-from miml_jax.input import pipeline
-from miml_jax.input import transforms
-from miml_jax.models.layers import resize_bilinear
-
-
-def miml_test_size(height: int, width: int, is_jpeg: bool) -> tuple[int, int]:
-  area = height * width
-  if area >= 1536 * 1536:
-    return 976, 976
-  if area > 512 * 512 or not is_jpeg:
-    return height, width
-  return 512, 512
+from miml_jax.input import pipeline, transforms
 
 
 class Predictor:
-  """Runs a model over images of any size; see the module docstring for the size rules."""
+  """Runs a model over samples of any size through its task; see the module docstring."""
 
-  def __init__(self, model, variables, config, *, batch_size: int = 1, resize: str = "none",
-               mesh=None):
-    if resize not in ("none", "miml"):
-      raise UserInputError(f"resize '{resize}': expected 'none' or 'miml'")
+  def __init__(
+    self, model, variables, config, *, batch_size: int = 1, resize: str = "none", mesh=None
+  ):
+    transforms.test_size(1, 1, False, resize)  # A bad rule is an error before compiling.
+    self.task = tasks.build(config)
     self.batch_size = batch_size
     self.resize = resize
     # Padding granularity: 32 (the model's stride) by default; eval.pad_multiple = 128 or 256
     # gives data of many sizes fewer shapes to compile, at the cost of more padding.
-    self.pad_multiple = int(config.get("eval", {}).get("pad_multiple", 32))
+    self.pad_multiple = int(config.eval.pad_multiple)
     if self.pad_multiple < 32 or self.pad_multiple % 32:
-      raise UserInputError(f"eval.pad_multiple={self.pad_multiple}: expected a multiple of 32 "
-                           f"(the model's output stride)")
+      raise UserInputError(
+        f"eval.pad_multiple={self.pad_multiple}: expected a multiple of 32 "
+        f"(the model's output stride)"
+      )
     self.mesh = mesh
-    dtype = jnp.dtype(config.model.get("dtype", "float32"))
+    task = self.task
 
-    def infer(variables, images):
-      outputs = model.apply(variables, transforms.normalize(images, dtype), train=False)
-      logits = outputs["logits"].astype(jnp.float32)
-      # Upsample to the padded input size with mmseg's resize (align_corners=False); the
-      # two-class softmax is sigmoid(l1 - l0), so resizing the difference is exact.
-      logits = resize_bilinear(logits, images.shape[1:3], align_corners=False)
-      delta = logits[..., 1] - logits[..., 0]
-      image_logits = outputs.get("image_logits")
-      image_prob = (jax.nn.softmax(image_logits.astype(jnp.float32))[:, 1]
-                    if image_logits is not None else jnp.full(images.shape[:1], jnp.nan))
-      return delta, image_prob
+    def infer(variables, inputs):
+      outputs = model.apply(variables, **task.model_inputs(inputs), train=False)
+      return task.predict_outputs(outputs, inputs)
 
-    self._put = lambda images: images
+    self._put = lambda inputs: inputs
     if mesh is not None:
       # Inference replicates the weights (gathering FSDP shards once) and splits each batch over
       # every device of the mesh, all processes included: each process reads the same batches,
       # contributes the rows of its own devices, and gets the (replicated) predictions back.
       self.batch_size = -(-batch_size // mesh.size) * mesh.size  # Rows beyond are padding.
       rows = sharding.batch_sharding(mesh)
-      self._put = lambda images: jax.make_array_from_callback(
-          images.shape, rows, lambda index: images[index])
-      self._infer = jax.jit(infer, in_shardings=(sharding.replicated(mesh), rows),
-                            out_shardings=sharding.replicated(mesh))
+      self._put = lambda inputs: {
+        k: jax.make_array_from_callback(v.shape, rows, lambda index, v=v: v[index])
+        for k, v in inputs.items()
+      }
+      self._infer = jax.jit(
+        infer,
+        in_shardings=(sharding.replicated(mesh), rows),
+        out_shardings=sharding.replicated(mesh),
+      )
     else:
       self._infer = jax.jit(infer)
     self.set_variables(variables)
@@ -85,56 +71,28 @@ class Predictor:
 
     None drops the (replicated) copy, e.g. between evaluations of a run that shards its weights.
     """
-    self.variables = (sharding.replicate(variables, self.mesh)
-                      if self.mesh is not None and variables is not None else variables)
-  def _target_size(self, sample):
-    height, width = sample["image"].shape[:2]
-    if self.resize == "miml":
-      return miml_test_size(height, width, sample.get("is_jpeg", False))
-    return height, width
+    self.variables = (
+      sharding.replicate(variables, self.mesh)
+      if self.mesh is not None and variables is not None
+      else variables
+    )
 
   def predict(self, source, limit: int | None = None):
-    """Yields (sample, prob (H, W) float32, image_prob float or nan), samples in source order
-    within each padded shape."""
-    prepared = _Resized(source, self._target_size)
-    for batch in pipeline.eval_batches(prepared, self.batch_size, self.pad_multiple,
-                                       limit=limit):
-      delta, image_prob = jax.device_get(
-          self._infer(self.variables, self._put(batch["image"])))
-      for row, sample in enumerate(batch["samples"]):
-        height, width = sample["resized_hw"]
-        d = delta[row, :height, :width]
-        original_h, original_w = sample["original_hw"]
-        if (height, width) != (original_h, original_w):
-          d = cv2.resize(d, (original_w, original_h), interpolation=cv2.INTER_LINEAR)
-        prob = 1.0 / (1.0 + np.exp(-d))
-        sample = dict(sample, image=sample["original_image"])
-        del sample["original_image"]
-        yield sample, prob.astype(np.float32), float(image_prob[row])
+    """Yields (sample, prediction) in source order within each input shape: the source's
+    record and the task's named outputs for it (dense tasks: 'prob' (H, W) float32 at the
+    image's own size, 'image_score' float or nan)."""
+    task = self.task
 
+    def prepare(sample):
+      return task.eval_inputs(sample, self.resize, self.pad_multiple)
 
-class _Resized:
-  """A source view whose images are resized to the test size (originals kept for scoring)."""
-
-  def __init__(self, source, target_size):
-    self._source, self._target_size = source, target_size
-
-  def __len__(self):
-    return len(self._source)
-
-  def __getitem__(self, index):
-    sample = self._source[index]
-    if sample is None:  # Left out by data.on_error='skip'.
-      return None
-    sample = dict(sample)
-    image = sample["image"]
-    target = self._target_size(sample)
-    sample["original_image"] = image
-    sample["original_hw"] = image.shape[:2]
-    sample["resized_hw"] = target
-    if tuple(target) != image.shape[:2]:
-      sample["image"] = cv2.resize(image, (target[1], target[0]), interpolation=cv2.INTER_LINEAR)
-    return sample
+    for batch in pipeline.eval_batches(
+      source, self.batch_size, self.pad_multiple, limit=limit, prepare=prepare
+    ):
+      inputs = {k: v for k, v in batch.items() if k not in ("valid", "samples", "metas")}
+      outputs = jax.device_get(self._infer(self.variables, self._put(inputs)))
+      for row, (sample, meta) in enumerate(zip(batch["samples"], batch["metas"])):
+        yield sample, task.finish({k: v[row] for k, v in outputs.items()}, meta)
 
 
 class ImageFiles:
@@ -148,8 +106,14 @@ class ImageFiles:
 
   def __getitem__(self, index):
     path = self.paths[index]
-    return {"image": io.read_image(path), "id": path,
-            "is_jpeg": path.lower().endswith((".jpg", ".jpeg"))}
+    return {
+      "image": io.read_image(path),
+      "id": path,
+      "is_jpeg": path.lower().endswith((".jpg", ".jpeg")),
+    }
+
+  def stems(self) -> list[str]:
+    return [os.path.splitext(os.path.basename(p))[0] for p in self.paths]
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -168,20 +132,29 @@ def expand_inputs(inputs: list[str]) -> list[str]:
   return paths
 
 
-def write_prediction(out_dir: str, sample: dict, prob: np.ndarray, image_prob: float,
-                     threshold: float) -> dict:
+def write_prediction(
+  out_dir: str, sample: dict, prob: np.ndarray, image_prob: float, threshold: float
+) -> dict:
   """Writes <stem>_heatmap.png, <stem>_overlay.png and <stem>_mask.png; returns the record."""
   stem = os.path.splitext(os.path.basename(sample["id"]))[0]
   os.makedirs(out_dir, exist_ok=True)
-  files = {"heatmap": f"{stem}_heatmap.png", "overlay": f"{stem}_overlay.png",
-           "mask": f"{stem}_mask.png"}
+  files = {
+    "heatmap": f"{stem}_heatmap.png",
+    "overlay": f"{stem}_overlay.png",
+    "mask": f"{stem}_mask.png",
+  }
   visualize.save(os.path.join(out_dir, files["heatmap"]), visualize.heatmap(prob))
   visualize.save(os.path.join(out_dir, files["overlay"]), visualize.overlay(sample["image"], prob))
   visualize.save(os.path.join(out_dir, files["mask"]), ((prob > threshold) * 255).astype(np.uint8))
-  record = {"image": sample["id"], "height": int(prob.shape[0]), "width": int(prob.shape[1]),
-            "tampered_fraction": float((prob > threshold).mean()),
-            "max_probability": float(prob.max()), "threshold": threshold,
-            "files": {k: os.path.join(out_dir, v) for k, v in files.items()}}
+  record = {
+    "image": sample["id"],
+    "height": int(prob.shape[0]),
+    "width": int(prob.shape[1]),
+    "tampered_fraction": float((prob > threshold).mean()),
+    "max_probability": float(prob.max()),
+    "threshold": threshold,
+    "files": {k: os.path.join(out_dir, v) for k, v in files.items()},
+  }
   if not np.isnan(image_prob):
     record["image_score"] = image_prob
   return record

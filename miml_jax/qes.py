@@ -31,8 +31,6 @@ from miml_jax.errors import UserInputError
 DEFAULT_LOW = 1.0 / 16.0
 DEFAULT_HIGH = 15.0 / 16.0
 DEFAULT_EPS = 1e-8
-# The official SDG annotation keeps a mask iff QES > 0.5.
-DEFAULT_KEEP_THRESHOLD = 0.5
 
 
 def _check_params(low: float, high: float, eps: float):
@@ -82,12 +80,14 @@ def _as_valid(valid, shape) -> jax.Array | None:
   return valid
 
 
-def qes(prob: jax.Array | np.ndarray,
-        valid: jax.Array | np.ndarray | None = None,
-        *,
-        low: float = DEFAULT_LOW,
-        high: float = DEFAULT_HIGH,
-        eps: float = DEFAULT_EPS) -> jax.Array:
+def qes(
+  prob: jax.Array | np.ndarray,
+  valid: jax.Array | np.ndarray | None = None,
+  *,
+  low: float = DEFAULT_LOW,
+  high: float = DEFAULT_HIGH,
+  eps: float = DEFAULT_EPS,
+) -> jax.Array:
   """QES of one soft mask.
 
   Args:
@@ -100,16 +100,18 @@ def qes(prob: jax.Array | np.ndarray,
 
   Returns:
     A float32 scalar in [0, 1]. NaN when a counted pixel is non-finite or outside [0, 1]: inside
-    jit we cannot raise, and a NaN score is never kept by `keep`, so bad input (e.g. a 0..255 mask
-    passed without scaling) shows up instead of silently counting as "confident".
+    jit we cannot raise, and a NaN score is never kept (NaN > threshold is False), so bad input
+    (e.g. a 0..255 mask passed without scaling) shows up instead of silently counting as
+    "confident".
   """
   _check_params(low, high, eps)
   prob = _as_probs(prob)
   if prob.ndim != 2:
     raise ValueError(f"qes expects one (H, W) mask, got shape {prob.shape}")
   # float() so that 1 and 1.0, or a numpy scalar, hit the same compilation cache entry.
-  return _qes_one(prob, _as_valid(valid, prob.shape), low=float(low), high=float(high),
-                  eps=float(eps))
+  return _qes_one(
+    prob, _as_valid(valid, prob.shape), low=float(low), high=float(high), eps=float(eps)
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("low", "high", "eps"))
@@ -120,12 +122,14 @@ def _qes_batch(probs, valid, *, low, high, eps):
   return jax.vmap(one)(probs, valid)
 
 
-def qes_batch(probs: jax.Array | np.ndarray,
-              valid: jax.Array | np.ndarray | None = None,
-              *,
-              low: float = DEFAULT_LOW,
-              high: float = DEFAULT_HIGH,
-              eps: float = DEFAULT_EPS) -> jax.Array:
+def qes_batch(
+  probs: jax.Array | np.ndarray,
+  valid: jax.Array | np.ndarray | None = None,
+  *,
+  low: float = DEFAULT_LOW,
+  high: float = DEFAULT_HIGH,
+  eps: float = DEFAULT_EPS,
+) -> jax.Array:
   """QES of a batch of soft masks, jitted and vmapped.
 
   Args:
@@ -142,26 +146,18 @@ def qes_batch(probs: jax.Array | np.ndarray,
   probs = _as_probs(probs)
   if probs.ndim != 3:
     raise ValueError(f"qes_batch expects (B, H, W) masks, got shape {probs.shape}")
-  return _qes_batch(probs, _as_valid(valid, probs.shape), low=float(low), high=float(high),
-                    eps=float(eps))
-
-
-def keep(scores, threshold: float = DEFAULT_KEEP_THRESHOLD):
-  """The annotation filter: True iff QES > threshold (strict, as the official SDG script).
-
-  Works elementwise on a float, a NumPy or a JAX array; a NaN score is never kept.
-  """
-  return scores > threshold
+  return _qes_batch(
+    probs, _as_valid(valid, probs.shape), low=float(low), high=float(high), eps=float(eps)
+  )
 
 
 def _round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
 
 
-def pad_to_batch(masks: Sequence[np.ndarray],
-                 *,
-                 multiple: int = 32,
-                 batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pad_to_batch(
+  masks: Sequence[np.ndarray], *, multiple: int = 32, batch_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """Pads soft masks of different sizes into one batch, top-left aligned.
 
   Args:
@@ -202,26 +198,33 @@ def _read_checked(path: str) -> np.ndarray:
   mask = io.read_soft_mask(path)
   if mask.ndim != 2:
     raise UserInputError(
-        f"{os.fspath(path)}: expected a single-channel soft mask, decoded shape is {mask.shape}")
+      f"{os.fspath(path)}: expected a single-channel soft mask, decoded shape is {mask.shape}"
+    )
   # Float TIFFs are divided by 255 like 8-bit files and can land outside [0, 1]; say so here
   # rather than return a NaN score with no file name attached.
   if not (np.all(np.isfinite(mask)) and mask.min() >= 0.0 and mask.max() <= 1.0):
     finite = mask[np.isfinite(mask)]
-    detail = (f"{mask.size - finite.size} non-finite values" if finite.size < mask.size else
-              f"min {finite.min()}, max {finite.max()}")
+    detail = (
+      f"{mask.size - finite.size} non-finite values"
+      if finite.size < mask.size
+      else f"min {finite.min()}, max {finite.max()}"
+    )
     raise UserInputError(
-        f"{os.fspath(path)}: soft mask values must be finite and within [0, 1] after scaling, "
-        f"got {detail}")
+      f"{os.fspath(path)}: soft mask values must be finite and within [0, 1] after scaling, "
+      f"got {detail}"
+    )
   return mask
 
 
-def qes_files(paths: Sequence[str | os.PathLike],
-              *,
-              batch_size: int = 16,
-              multiple: int = 32,
-              low: float = DEFAULT_LOW,
-              high: float = DEFAULT_HIGH,
-              eps: float = DEFAULT_EPS) -> list[float]:
+def qes_files(
+  paths: Sequence[str | os.PathLike],
+  *,
+  batch_size: int = 16,
+  multiple: int = 32,
+  low: float = DEFAULT_LOW,
+  high: float = DEFAULT_HIGH,
+  eps: float = DEFAULT_EPS,
+) -> list[float]:
   """QES of soft-mask files (8-bit or 16-bit grey PNG, or anything `io.read_soft_mask` reads).
 
   Files are read and scored `batch_size` at a time, so memory stays bounded on large folders.
@@ -243,9 +246,9 @@ def qes_files(paths: Sequence[str | os.PathLike],
   paths = list(paths)
   scores: list[float] = []
   for start in range(0, len(paths), batch_size):
-    chunk = paths[start:start + batch_size]
+    chunk = paths[start : start + batch_size]
     masks = [_read_checked(path) for path in chunk]
     probs, valid = pad_to_batch(masks, multiple=multiple, batch_size=batch_size)
     values = np.asarray(qes_batch(probs, valid, low=low, high=high, eps=eps))
-    scores.extend(float(value) for value in values[:len(chunk)])
+    scores.extend(float(value) for value in values[: len(chunk)])
   return scores

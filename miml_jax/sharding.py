@@ -27,9 +27,9 @@ import sys
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from miml_jax.errors import UserInputError
 
@@ -38,8 +38,9 @@ BATCH_AXES = ("data", "fsdp")
 DEFAULT_FSDP_MIN_SIZE = 2**18
 
 
-def initialize_multihost(coordinator: str | None = None, num_processes: int | None = None,
-                         process_id: int | None = None):
+def initialize_multihost(
+  coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+):
   """Joins this process to a multi-process JAX run; call before anything touches a device.
 
   With no arguments JAX finds the cluster itself (TPU pods, SLURM, Open MPI, Kubernetes, or the
@@ -49,8 +50,10 @@ def initialize_multihost(coordinator: str | None = None, num_processes: int | No
   """
   given = [coordinator, num_processes, process_id]
   if any(v is not None for v in given) and any(v is None for v in given):
-    raise UserInputError("multi-host: give --coordinator, --num-processes and --process-id "
-                         "together (or none of them, to let JAX detect the cluster)")
+    raise UserInputError(
+      "multi-host: give --coordinator, --num-processes and --process-id "
+      "together (or none of them, to let JAX detect the cluster)"
+    )
   if num_processes is not None and not 0 <= process_id < num_processes:
     raise UserInputError(f"multi-host: --process-id {process_id} is not in [0, {num_processes})")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -60,8 +63,9 @@ def initialize_multihost(coordinator: str | None = None, num_processes: int | No
   sys.stdout.flush()
   sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
   os.dup2(2, 1)
-  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                             process_id=process_id)
+  jax.distributed.initialize(
+    coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+  )
 
 
 def _mesh_config(config) -> dict:
@@ -81,12 +85,15 @@ def make_mesh(config, devices=None) -> Mesh:
   if -1 in sizes:
     known = int(np.prod([s for s in sizes if s != -1]))
     if len(devices) % known:
-      raise UserInputError(f"mesh: {len(devices)} devices do not split into "
-                           f"{dict(zip(AXES, sizes))}")
+      raise UserInputError(
+        f"mesh: {len(devices)} devices do not split into {dict(zip(AXES, sizes))}"
+      )
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise UserInputError(f"mesh: {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                         f"there are {len(devices)}")
+    raise UserInputError(
+      f"mesh: {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+      f"there are {len(devices)}"
+    )
   return Mesh(np.array(devices).reshape(sizes), AXES)
 
 
@@ -132,4 +139,5 @@ def tree_shardings(tree: Any, mesh: Mesh, config=None) -> Any:
   min_size = int(_mesh_config(config).get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE))
   fsdp_size = mesh.shape["fsdp"]
   return jax.tree_util.tree_map(
-      lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), fsdp_size, min_size)), tree)
+    lambda x: NamedSharding(mesh, leaf_spec(tuple(x.shape), fsdp_size, min_size)), tree
+  )

@@ -22,20 +22,10 @@ import numpy as np
 import optax
 
 from miml_jax import checkpoint as ckpt_lib
-from miml_jax import evaluate
-from miml_jax import losses
-from miml_jax import metric_writer
-from miml_jax import metrics as metrics_lib
-from miml_jax import mfu
-from miml_jax import models
-from miml_jax import optim
-from miml_jax import sharding
-from miml_jax import visualize
+from miml_jax import evaluate, metric_writer, mfu, models, optim, sharding, tasks, visualize
 from miml_jax.config import to_json
 from miml_jax.errors import UserInputError
-from miml_jax.input import pipeline
-from miml_jax.input import sources
-from miml_jax.input import transforms
+from miml_jax.input import pipeline, sources, transforms
 
 
 def log(message: str):
@@ -52,15 +42,17 @@ def _check_workdir(workdir: str, config) -> int | None:
     return None
   if not os.path.isfile(config_path):
     raise UserInputError(
-        f"{workdir}: holds checkpoints but no config.json; refusing to write into it")
+      f"{workdir}: holds checkpoints but no config.json; refusing to write into it"
+    )
   with open(config_path) as f:
     previous = ml_collections.ConfigDict(json.load(f))
   if ckpt_lib.describe_model(previous) != ckpt_lib.describe_model(config):
     old, new = previous.model.to_dict(), config.model.to_dict()
     diff = sorted(_diff_keys(old, new))
     raise UserInputError(
-        f"{workdir}: holds a checkpoint of another model ({previous.model.name}; differs in "
-        f"model.{', model.'.join(diff[:5])}); use a new --workdir or delete that one")
+      f"{workdir}: holds a checkpoint of another model ({previous.model.name}; differs in "
+      f"model.{', model.'.join(diff[:5])}); use a new --workdir or delete that one"
+    )
   _, step = ckpt_lib.find_checkpoint(workdir)
   return step
 
@@ -78,60 +70,58 @@ def _diff_keys(a, b, prefix=""):
 def init_state(model, optimizer, config, rng):
   """A fresh (model_vars, train_vars) pair: the state the training step carries."""
   model_vars = models.init_variables(model, config, rng)
-  train_vars = {"opt_state": optimizer.init(model_vars["params"]),
-                "step": jnp.zeros([], jnp.int32),
-                # A raw uint32 key, so it checkpoints as a plain array.
-                "rng": jax.random.fold_in(rng, 1), "nan_skips": jnp.zeros([], jnp.int32)}
+  train_vars = {
+    "opt_state": optimizer.init(model_vars["params"]),
+    "step": jnp.zeros([], jnp.int32),
+    # A raw uint32 key, so it checkpoints as a plain array.
+    "rng": jax.random.fold_in(rng, 1),
+    "nan_skips": jnp.zeros([], jnp.int32),
+  }
   return model_vars, train_vars
 
 
 def make_train_step(model, optimizer, config, mesh, state_shardings=None):
   """The compiled training step: (model_vars, train_vars, batch) -> (model_vars, train_vars, m).
 
-  state_shardings: (model_vars, train_vars) shardings (sharding.tree_shardings); default
-  replicated. The step donates the state, so its input and output shardings are the same.
+  The config's task (tasks/) says what the batch holds, how it becomes the model's inputs, the
+  loss, and the projection applied after each update. state_shardings: (model_vars,
+  train_vars) shardings (sharding.tree_shardings); default replicated. The step donates the
+  state, so its input and output shardings are the same.
   """
-  compute_dtype = jnp.dtype(config.model.get("dtype", "float32"))
+  task = tasks.build(config)
 
-  def loss_fn(params, batch_stats, images, labels, rng):
+  def loss_fn(params, batch_stats, batch, rng):
     outputs, new_state = model.apply(
-        {"params": params, "batch_stats": batch_stats},
-        transforms.normalize(images, compute_dtype), train=True,
-        rngs={"dropout": rng}, mutable=["batch_stats"])
-    loss, terms = losses.segmentation_loss(outputs, labels, config.loss)
-    if outputs.get("image_logits") is not None and config.loss.image_weight > 0:
-      # The image head sees stop-gradient features (as in APSC-Net), so this term trains the head
-      # alone; an image counts as tampered when any pixel is.
-      image_labels = jnp.any(labels == 1, axis=(1, 2)).astype(jnp.int32)
-      image_loss = jnp.mean(-jnp.take_along_axis(
-          jax.nn.log_softmax(outputs["image_logits"].astype(jnp.float32)),
-          image_labels[:, None], axis=1))
-      terms["loss_image"] = image_loss
-      loss = loss + config.loss.image_weight * image_loss
+      {"params": params, "batch_stats": batch_stats},
+      **task.model_inputs(batch),
+      train=True,
+      rngs={"dropout": rng},
+      mutable=["batch_stats"],
+    )
+    loss, terms = task.loss(outputs, batch)
     return loss, (terms, new_state["batch_stats"])
 
   def step_fn(model_vars, train_vars, batch):
     rng = jax.random.fold_in(train_vars["rng"], train_vars["step"])
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (terms, batch_stats)), grads = grad_fn(
-        model_vars["params"], model_vars["batch_stats"], batch["image"], batch["label"], rng)
+      model_vars["params"], model_vars["batch_stats"], batch, rng
+    )
     updates, opt_state = optimizer.update(grads, train_vars["opt_state"], model_vars["params"])
-    params = jax.tree_util.tree_map(lambda p, u: p + u.astype(p.dtype),
-                                    model_vars["params"], updates)
+    params = task.project(optax.apply_updates(model_vars["params"], updates))
     grad_norm = optax.tree.norm(grads)
     # A step is applied only if loss, gradients and the update itself are finite (an update can
     # overflow with finite gradients, e.g. a diverging learning rate). Otherwise the state stays
     # as it was and the step is counted.
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.tree.norm(updates)))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     # Under 'stop' the host sees the count rise and stops; under 'skip' training goes on.
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_model = keep({"params": params, "batch_stats": batch_stats}, model_vars)
     new_train = {
-        "opt_state": keep(opt_state, train_vars["opt_state"]),
-        "step": train_vars["step"] + 1,
-        "rng": train_vars["rng"],
-        "nan_skips": train_vars["nan_skips"] + (~finite).astype(jnp.int32),
+      "opt_state": keep(opt_state, train_vars["opt_state"]),
+      "step": train_vars["step"] + 1,
+      "rng": train_vars["rng"],
+      "nan_skips": train_vars["nan_skips"] + (~finite).astype(jnp.int32),
     }
     lr = optim.learning_rate(train_vars["step"], 1.0, config.optim)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, **terms}
@@ -139,14 +129,20 @@ def make_train_step(model, optimizer, config, mesh, state_shardings=None):
 
   replicated = sharding.replicated(mesh)
   model_sh, train_sh = state_shardings or (replicated, replicated)
-  return jax.jit(step_fn, donate_argnums=(0, 1),
-                 in_shardings=(model_sh, train_sh, sharding.batch_sharding(mesh)),
-                 out_shardings=(model_sh, train_sh, replicated))
+  return jax.jit(
+    step_fn,
+    donate_argnums=(0, 1),
+    in_shardings=(model_sh, train_sh, sharding.batch_sharding(mesh)),
+    out_shardings=(model_sh, train_sh, replicated),
+  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per `config`, checkpointing into `workdir`; returns the final validation metrics."""
   # ---- Workdir and config ----------------------------------------------------------------
+  # Every section is checked (and optional keys filled in) before anything is created.
+  config = tasks.validate_config(config)
+  task = tasks.build(config)
   workdir = os.path.abspath(workdir)
   resume_step = _check_workdir(workdir, config)
   if jax.process_index() == 0:
@@ -160,20 +156,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   global_batch = config.input.batch_size
   if global_batch % len(devices):
     raise UserInputError(
-        f"--config.input.batch_size={global_batch}: must be divisible by the {len(devices)} "
-        f"devices")
+      f"--config.input.batch_size={global_batch}: must be divisible by the {len(devices)} devices"
+    )
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ---- Data ------------------------------------------------------------------------------
-  train_source = sources.source_from_config(config.data.train, "train", config.data,
-                                            for_training=True)
+  train_source = sources.source_from_config(
+    config.data.train, "train", config.data, for_training=True
+  )
   val_source = sources.source_from_config(config.data.validation, "validation", config.data)
   # data.on_error='skip': every example skipped, with its file and reason, one line each.
   skipped_report = SkipReport(os.path.join(workdir, "skipped_examples.txt"))
   skipped_report.add(getattr(train_source, "skipped", []), "listing data.train")
   if len(train_source) < global_batch:
-    raise UserInputError(f"data.train={config.data.train}: {len(train_source)} examples, fewer "
-                         f"than one batch of {global_batch}")
+    raise UserInputError(
+      f"data.train={config.data.train}: {len(train_source)} examples, fewer "
+      f"than one batch of {global_batch}"
+    )
+  task.check_sample(train_source[0], f"data.train={config.data.train}")
   if isinstance(train_source, sources.MixtureSource):
     log(f"training mixture, {len(train_source)} examples per epoch: {train_source.describe()}")
   augment = transforms.AugmentConfig.from_config(config.input.augment)
@@ -184,53 +184,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   abstract_params = models.abstract_variables(model, config)["params"]
   optimizer = optim.make_optimizer(config.optim, abstract_params)
-  log(f"model {config.model.name}: {models.count_params(abstract_params) / 1e6:.2f} M "
-      f"parameters; {len(devices)} device(s) {devices[0].platform} as mesh "
-      f"{dict(mesh.shape)}, {jax.process_count()} process(es), global batch {global_batch}")
+  log(
+    f"model {config.model.name}: {models.count_params(abstract_params) / 1e6:.2f} M "
+    f"parameters; {len(devices)} device(s) {devices[0].platform} as mesh "
+    f"{dict(mesh.shape)}, {jax.process_count()} process(es), global batch {global_batch}"
+  )
   init_fn = functools.partial(init_state, model, optimizer, config)
   abstract_state = jax.eval_shape(init_fn, init_rng)
   state_shardings = sharding.tree_shardings(abstract_state, mesh, config)
 
   # ---- Restore or start ------------------------------------------------------------------
-  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir),
-                                       max_to_keep=config.train.keep_checkpoints)
-  best_metric = config.train.get("best_metric", "")
-  if best_metric and best_metric not in metrics_lib.SUMMARY_SCORES:
-    raise UserInputError(f"train.best_metric='{best_metric}': expected '' (keep no best "
-                         f"checkpoint) or one of {', '.join(metrics_lib.SUMMARY_SCORES)}")
-  best_checkpointer = (ckpt_lib.Checkpointer(
+  checkpointer = ckpt_lib.Checkpointer(
+    ckpt_lib.checkpoint_dir(workdir), max_to_keep=config.train.keep_checkpoints
+  )
+  best_metric = config.train.best_metric
+  if best_metric and best_metric not in task.summary_scores:
+    raise UserInputError(
+      f"train.best_metric='{best_metric}': expected '' (keep no best "
+      f"checkpoint) or one of {', '.join(task.summary_scores)} (task "
+      f"{task.name})"
+    )
+  best_checkpointer = (
+    ckpt_lib.Checkpointer(
       ckpt_lib.checkpoint_dir(workdir, ckpt_lib.BEST_SUBDIR),
-      max_to_keep=config.train.get("keep_best", 1), best_metric=best_metric)
-      if best_metric else None)
+      max_to_keep=config.train.keep_best,
+      best_metric=best_metric,
+    )
+    if best_metric
+    else None
+  )
   if resume_step is None:
     model_vars, train_vars = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
-    if config.get("model_init"):
+    if config.model_init:
       # Converted official weights (miml-jax convert); tensors the file lacks keep their init.
-      loaded, missing = models.load(model, config, config.model_init, partial=True,
-                                    init_variables=jax.device_get(model_vars))
+      loaded, missing = models.load(
+        model, config, config.model_init, partial=True, init_variables=jax.device_get(model_vars)
+      )
       model_vars = jax.device_put(loaded, state_shardings[0])
       total = len(jax.tree_util.tree_leaves(loaded))
       log(f"initialised {total - len(missing)} of {total} tensors from {config.model_init}")
   else:
     abstract = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
-        state_shardings)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_state,
+      state_shardings,
+    )
     model_vars, train_vars = checkpointer.restore_training(resume_step, *abstract)
     log(f"resumed from {checkpointer.directory}/{resume_step}")
   start = int(train_vars["step"])
   # The pipeline is a pure function of the global batch index, so resuming is starting at it.
-  train_iter = iter(pipeline.train_dataset(
-      train_source, batch_size=global_batch, augment=augment, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), start_step=start,
-      num_workers=config.input.num_workers, read_threads=config.input.get("read_threads", 16),
-      prefetch_batches=config.input.get("prefetch_batches", 16)))
+  train_iter = iter(
+    pipeline.train_dataset(
+      train_source,
+      batch_size=global_batch,
+      transform=task.train_transform(augment),
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      start_step=start,
+      num_workers=config.input.num_workers,
+      read_threads=config.input.read_threads,
+      prefetch_batches=config.input.prefetch_batches,
+    )
+  )
 
   def next_batch():
     local = next(train_iter)
-    skipped_report.add([r for reasons in local.pop("skipped") if reasons
-                        for r in reasons.split("\n")], "training")
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
-            for k, v in local.items()}
+    skipped_report.add(
+      [r for reasons in local.pop("skipped") if reasons for r in reasons.split("\n")], "training"
+    )
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
   # ---- Compiled step ---------------------------------------------------------------------
   total = config.train.steps
@@ -238,19 +261,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if batch is not None:
     log("compiling the training step ...")
     t = time.time()
-    step_fn = make_train_step(model, optimizer, config, mesh, state_shardings).lower(
-        model_vars, train_vars, batch).compile()
+    step_fn = (
+      make_train_step(model, optimizer, config, mesh, state_shardings)
+      .lower(model_vars, train_vars, batch)
+      .compile()
+    )
     flops = mfu.compiled_flops(step_fn)
-    peak = mfu.peak_flops_per_device(devices[0], config.train.get("peak_flops_per_device", 0.0))
-    log(f"compiled in {time.time() - t:.1f}s"
-        + (f"; {flops / 1e9:.3g} GFLOP per device per step" if flops else ""))
+    peak = mfu.peak_flops_per_device(devices[0], config.train.peak_flops_per_device)
+    log(
+      f"compiled in {time.time() - t:.1f}s"
+      + (f"; {flops / 1e9:.3g} GFLOP per device per step" if flops else "")
+    )
 
   # ---- Loop ------------------------------------------------------------------------------
   # One predictor (one compiled inference function) for every evaluation of the run; it holds
   # a replicated copy of the weights only while it evaluates.
   predictor = evaluate.make_predictor(model, None, config, mesh)
-  writer = metric_writer.MetricWriter(workdir, tensorboard=config.train.get("tensorboard", True),
-                                      start_step=start)
+  writer = metric_writer.MetricWriter(
+    workdir, tensorboard=config.train.tensorboard, start_step=start
+  )
   nan_skips = int(train_vars["nan_skips"])
   window_start, window_step = time.time(), start
   step = start
@@ -261,15 +290,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       skips = int(train_vars["nan_skips"])
       if skips > nan_skips:
-        message = (f"step {step}: {skips - nan_skips} step(s) with non-finite loss or gradients "
-                   f"since step {step - config.train.log_every} (not applied; {skips} in total)")
+        message = (
+          f"step {step}: {skips - nan_skips} step(s) with non-finite loss or gradients "
+          f"since step {step - config.train.log_every} (not applied; {skips} in total)"
+        )
         if config.train.nan_policy == "stop":
           last = checkpointer.latest_step()
           checkpointer.close()
-          where = (f"the last checkpoint, {checkpointer.directory}/{last}, holds finite weights"
-                   if last is not None else "no checkpoint was written")
-          raise FloatingPointError(
-              message + f"; stopping (train.nan_policy='stop'); {where}")
+          where = (
+            f"the last checkpoint, {checkpointer.directory}/{last}, holds finite weights"
+            if last is not None
+            else "no checkpoint was written"
+          )
+          raise FloatingPointError(message + f"; stopping (train.nan_policy='stop'); {where}")
         log("warning: " + message + "; skipped (train.nan_policy='skip')")
         nan_skips = skips
       # Rates over the last window, so compilation and evaluation pauses age out.
@@ -277,52 +310,86 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       rate = (step - window_step) / max(now - window_start, 1e-9)
       window_start, window_step = now, step
       eta = (total - step) / max(rate, 1e-9)
-      speed = {"steps_per_sec": rate, "images_per_sec": rate * global_batch,
-               "step_time_sec": 1 / max(rate, 1e-9)}
+      speed = {
+        "steps_per_sec": rate,
+        "images_per_sec": rate * global_batch,
+        "step_time_sec": 1 / max(rate, 1e-9),
+      }
       if flops:
         speed["tflops_per_device"] = flops * rate / 1e12
         if peak:
           speed["mfu"] = flops * rate / peak
-      log(f"step {step}/{total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-          f"grad_norm {metrics['grad_norm']:.3f}  {rate:.2f} steps/s  "
-          f"{rate * global_batch:.1f} img/s"
-          + (f"  MFU {speed['mfu']:.1%}" if "mfu" in speed else "")
-          + f"  ETA {_format_seconds(eta)}")
-      writer.write(step, {**metrics, **speed, "nan_skips": skips,
-                          "data_skipped": skipped_report.total()})
+      log(
+        f"step {step}/{total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+        f"grad_norm {metrics['grad_norm']:.3f}  {rate:.2f} steps/s  "
+        f"{rate * global_batch:.1f} img/s"
+        + (f"  MFU {speed['mfu']:.1%}" if "mfu" in speed else "")
+        + f"  ETA {_format_seconds(eta)}"
+      )
+      writer.write(
+        step, {**metrics, **speed, "nan_skips": skips, "data_skipped": skipped_report.total()}
+      )
     if step % config.train.checkpoint_every == 0 or step == total:
       checkpointer.save(step, model_vars, config, train_vars=train_vars)
     if config.train.eval_every and step % config.train.eval_every == 0 and step != total:
-      _evaluate(predictor, model, model_vars, config, val_source, workdir, step, writer,
-                best_checkpointer, write_pictures=False)
+      _evaluate(
+        task,
+        predictor,
+        model_vars,
+        config,
+        val_source,
+        workdir,
+        step,
+        writer,
+        best_checkpointer,
+        write_pictures=False,
+      )
       window_start = time.time()
   checkpointer.close()
 
   # ---- Final evaluation and pictures -----------------------------------------------------
-  result = _evaluate(predictor, model, model_vars, config, val_source, workdir, step, writer,
-                     best_checkpointer, write_pictures=True)
+  result = _evaluate(
+    task,
+    predictor,
+    model_vars,
+    config,
+    val_source,
+    workdir,
+    step,
+    writer,
+    best_checkpointer,
+    write_pictures=True,
+  )
   if best_checkpointer is not None:
     best_checkpointer.close()
   writer.close()
   if jax.process_index() == 0:
-    visualize.plot_history(writer.jsonl_path, os.path.join(workdir, "curves.png"))
+    visualize.plot_history(writer.jsonl_path, os.path.join(workdir, "curves.png"), task.plot_scores)
   return result
 
 
-def _evaluate(predictor, model, model_vars, config, source, workdir, step, writer,
-              best_checkpointer, write_pictures):
+def _evaluate(
+  task,
+  predictor,
+  model_vars,
+  config,
+  source,
+  workdir,
+  step,
+  writer,
+  best_checkpointer,
+  write_pictures,
+):
   """Scores the validation source on every device (all processes) and logs it; keeps the best."""
   t = time.time()
   pictures = write_pictures and jax.process_index() == 0
+  predictor.set_variables(model_vars)
   # The headline only: the other conventions belong to `miml-jax eval`, not every validation.
-  result = evaluate.evaluate(model, model_vars, config, source, predictor=predictor,
-                             out_dir=workdir if pictures else None, conventions=())
+  result = task.evaluate(predictor, source, out_dir=workdir if pictures else None, conventions=())
   predictor.set_variables(None)
   summary = result["summary"]
-  log(f"validation @ step {step}: IoU {summary['iou']:.4f}  P {summary['precision']:.4f}  "
-      f"R {summary['recall']:.4f}  F1 {summary['f1']:.4f}  pixel AUC {summary['pixel_auc']:.4f}"
-      f"  ({summary['num_images']} images, {time.time() - t:.1f}s)")
-  writer.write(step, {f"val_{k}": v for k, v in summary.items()})
+  log(f"validation @ step {step}: {task.summary_line(summary)}, {time.time() - t:.1f}s)")
+  writer.write(step, {f"val_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
   if best_checkpointer is not None and step not in best_checkpointer.all_steps():
     metric = config.train.best_metric
     best_checkpointer.save(step, model_vars, config, metrics={metric: float(summary[metric])})
@@ -344,14 +411,19 @@ class SkipReport:
     self.count += len(messages)
     with open(self.path, "a") as f:
       f.writelines(f"[process {jax.process_index()}, {where}] {m}\n" for m in messages)
-    print(f"warning: skipped {len(messages)} unreadable example(s) ({where}), e.g. "
-          f"{messages[0]}; see {self.path}", file=sys.stderr, flush=True)
+    print(
+      f"warning: skipped {len(messages)} unreadable example(s) ({where}), e.g. "
+      f"{messages[0]}; see {self.path}",
+      file=sys.stderr,
+      flush=True,
+    )
 
   def total(self) -> int:
     """Skips of every process so far (a collective: all processes call it together)."""
     if jax.process_count() == 1:
       return self.count
     from jax.experimental import multihost_utils
+
     return int(np.sum(multihost_utils.process_allgather(np.int64(self.count))))
 
 

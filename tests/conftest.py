@@ -6,10 +6,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest  # noqa: E402
+import pytest
 
-SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
-                                           "data"))
+SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
 @pytest.fixture
@@ -23,5 +22,7 @@ def shared_data():
 def pytest_configure(config):
   # Tests train the same tiny model several times; a session-wide XLA cache compiles it once.
   import tempfile
-  os.environ.setdefault("MIML_JAX_COMPILATION_CACHE",
-                        os.path.join(tempfile.gettempdir(), "miml_jax_test_xla_cache"))
+
+  os.environ.setdefault(
+    "MIML_JAX_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), "miml_jax_test_xla_cache")
+  )

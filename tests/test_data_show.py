@@ -32,12 +32,25 @@ def coco_root(tmp_path):
     io.write_image(str(root / "images" / name), pixels)
     images.append({"id": k, "file_name": name, "height": SIZE, "width": SIZE})
     x = 6 + 8 * k
-    annotations.append({"id": 10 * k + 1, "image_id": k, "iscrowd": 0,  # A rectangle.
-                        "segmentation": [[x, 30, x + 26, 30, x + 26, 56, x, 56]]})
-    annotations.append({"id": 10 * k + 2, "image_id": k, "iscrowd": 0,  # A triangle.
-                        "segmentation": [[40, 28, 60, 60, 36, 60]]})
+    annotations.append(
+      {
+        "id": 10 * k + 1,
+        "image_id": k,
+        "iscrowd": 0,  # A rectangle.
+        "segmentation": [[x, 30, x + 26, 30, x + 26, 56, x, 56]],
+      }
+    )
+    annotations.append(
+      {
+        "id": 10 * k + 2,
+        "image_id": k,
+        "iscrowd": 0,  # A triangle.
+        "segmentation": [[40, 28, 60, 60, 36, 60]],
+      }
+    )
   (root / "annotations" / "instances.json").write_text(
-      json.dumps({"images": images, "annotations": annotations, "categories": []}))
+    json.dumps({"images": images, "annotations": annotations, "categories": []})
+  )
   return root
 
 
@@ -50,11 +63,11 @@ def _show(argv, capsys):
 
 def _panels(sheet: np.ndarray, top: int, count: int) -> list[np.ndarray]:
   """The `count` 64 px panels of the row starting at sheet row `top`, back at their own size."""
-  row = sheet[top:top + SIZE * SCALE, :count * SIZE * SCALE]
+  row = sheet[top : top + SIZE * SCALE, : count * SIZE * SCALE]
   small = row[::SCALE, ::SCALE]
   # Shown by pixel repetition, never resampled: the seams stay exactly as the jitter left them.
   np.testing.assert_array_equal(np.repeat(np.repeat(small, SCALE, 0), SCALE, 1), row)
-  return [small[:, k * SIZE:(k + 1) * SIZE] for k in range(count)]
+  return [small[:, k * SIZE : (k + 1) * SIZE] for k in range(count)]
 
 
 def test_object_jitter_rows_show_the_crop_before_and_after(coco_root, tmp_path, capsys):
@@ -105,10 +118,10 @@ def test_mixture_keeps_other_rows_and_overwrite_is_refused(coco_root, tmp_path, 
   for name, height in zip(result["ids"], heights):
     if name.startswith("coco:"):
       _panels(sheet, top, 3)
-      assert not sheet[top:top + height, 3 * SIZE * SCALE:].any()
+      assert not sheet[top : top + height, 3 * SIZE * SCALE :].any()
     else:
       assert name.startswith("synthetic:2/")
-      row = sheet[top:top + height]
+      row = sheet[top : top + height]
       np.testing.assert_array_equal(np.repeat(np.repeat(row[::8, ::8], 8, 0), 8, 1), row)
     top += height
 

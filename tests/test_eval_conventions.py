@@ -1,4 +1,4 @@
-"""The evaluation conventions of EVALUATION.md on hand-made cases where they disagree (so a
+"""The evaluation conventions of docs/evaluation.md on hand-made cases where they disagree (so a
 mix-up fails a test), each checked against an independent reference: scipy's filters for TruFor's
 band, brute force over thresholds for the oracle, sklearn for AUC and balanced accuracy."""
 
@@ -54,7 +54,8 @@ def test_border_band_forgives_boundary_errors_and_matches_scipy():
   valid, positives = metrics.border_band(gt)
   assert _sklearn_f1(prob, gt, 0.5) < 0.85
   assert metrics.fixed_threshold_scores(prob, positives, 0.5, valid=valid)["f1"] == pytest.approx(
-      1.0, abs=1e-6)
+    1.0, abs=1e-6
+  )
   rng = np.random.default_rng(0)
   for _ in range(10):
     blobs = scipy.ndimage.gaussian_filter(rng.random((40, 50)), 3) > 0.5
@@ -78,10 +79,12 @@ def test_best_threshold_is_the_brute_force_maximum():
     best = metrics.best_threshold_scores(prob, gt)
     assert best["f1"] == pytest.approx(brute, abs=1e-5)
     assert _sklearn_f1(prob, gt, best["threshold"]) == pytest.approx(best["f1"], abs=1e-5)
-    brute_inverse = max(brute, *(f1_score(gt.ravel(), (prob <= t).ravel(), zero_division=0)
-                                 for t in candidates))
+    brute_inverse = max(
+      brute, *(f1_score(gt.ravel(), (prob <= t).ravel(), zero_division=0) for t in candidates)
+    )
     assert metrics.best_threshold_scores(prob, gt, inverse=True)["f1"] == pytest.approx(
-        brute_inverse, abs=1e-5)
+      brute_inverse, abs=1e-5
+    )
     # IoU at the best-F1 threshold is the best IoU too (IoU = F1 / (2 - F1)).
     assert best["iou"] == pytest.approx(best["f1"] / (2 - best["f1"]), abs=1e-5)
 
@@ -104,8 +107,9 @@ def test_pooled_and_per_image_disagree_as_they_should():
   assert summary["pixel_auc"] == 1.0
   pooled_gt = np.r_[gt.ravel(), gt.ravel()]
   pooled_prob = np.r_[np.where(gt, 0.9, 0.8).ravel(), np.where(gt, 0.2, 0.1).ravel()]
-  assert summary["pixel_auc_pooled"] == pytest.approx(roc_auc_score(pooled_gt, pooled_prob),
-                                                      abs=1e-9)
+  assert summary["pixel_auc_pooled"] == pytest.approx(
+    roc_auc_score(pooled_gt, pooled_prob), abs=1e-9
+  )
   assert summary["pixel_auc_pooled"] < 0.8
   curves = accumulator.pooled_curves()
   assert curves["recall"][0] == 0 and curves["recall"][-1] == 1
@@ -119,7 +123,8 @@ def test_image_level_detection_matches_sklearn():
   result = metrics.detection_scores(scores, labels)
   assert result["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
   assert result["balanced_accuracy"] == pytest.approx(
-      balanced_accuracy_score(labels, scores > 0.5), abs=1e-12)
+    balanced_accuracy_score(labels, scores > 0.5), abs=1e-12
+  )
   assert result["accuracy"] == pytest.approx(np.mean((scores > 0.5) == labels))
   # Accuracy and balanced accuracy disagree on unbalanced data: all-"manipulated" on 9:1.
   unbalanced = metrics.detection_scores(np.ones(10), np.r_[np.ones(9), 0])
@@ -141,9 +146,18 @@ def test_perturbations():
   mask = np.zeros((40, 60), np.uint8)
   mask[10:20, 10:30] = 255
   assert perturb.parse(["jpeg:50,90", "blur:3", "resize:0.5"]) == [
-      ("jpeg", 50), ("jpeg", 90), ("blur", 3), ("resize", 0.5)]
-  for bad, why in (("jpeg:101", "quality"), ("blur:4", "odd"), ("sharpen:3", "KIND"),
-                   ("noise:x", "not a number"), ("resize:0", "scale")):
+    ("jpeg", 50),
+    ("jpeg", 90),
+    ("blur", 3),
+    ("resize", 0.5),
+  ]
+  for bad, why in (
+    ("jpeg:101", "quality"),
+    ("blur:4", "odd"),
+    ("sharpen:3", "KIND"),
+    ("noise:x", "not a number"),
+    ("resize:0", "scale"),
+  ):
     with pytest.raises(UserInputError, match=why):
       perturb.parse([bad])
   low, _ = perturb.apply(image, mask, "jpeg", 30, seed=0)

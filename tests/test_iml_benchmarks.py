@@ -61,8 +61,10 @@ def _casia1(manual):
   # Released as a splice; FileNameCorrection makes it copy-move (its mask is in CM, RGB).
   moved = _box(5, 0, 16, 6)
   _image(os.path.join(root, "Tp", "Sp", "Sp_D_NND_A_nat0054_nat0054_0189.jpg"), 2)
-  _write(os.path.join(gt, "CM", "Sp_S_NND_A_nat0054_nat0054_0189_gt.png"),
-         np.repeat(_grey(moved)[:, :, None], 3, axis=2))
+  _write(
+    os.path.join(gt, "CM", "Sp_S_NND_A_nat0054_nat0054_0189_gt.png"),
+    np.repeat(_grey(moved)[:, :, None], 3, axis=2),
+  )
   expected["Tp/Sp/Sp_D_NND_A_nat0054_nat0054_0189.jpg"] = (moved, "copy_move")
   # The malformed name ('.' before the id), moved CM -> Sp.
   malformed = _box(0, 10, 4, 24)
@@ -99,8 +101,10 @@ def _casia2(manual):
   expected["Tp/Tp_D_NRD_S_N_cha10002_cha10001_20094.tif"] = (gt3, "splice")
   # One of the 17 published size mismatches (384x256 vs 384x255 there): left out.
   _image(os.path.join(root, "Tp", "Tp_S_NNN_S_N_sec00074_sec00074_00751.tif"), 5)
-  _write(os.path.join(root, "Gt", "Tp_S_NNN_S_N_sec00074_sec00074_00751_gt.png"),
-         _grey(_box(0, 0, 4, 4, (HEIGHT, WIDTH - 1))))
+  _write(
+    os.path.join(root, "Gt", "Tp_S_NNN_S_N_sec00074_sec00074_00751_gt.png"),
+    _grey(_box(0, 0, 4, 4, (HEIGHT, WIDTH - 1))),
+  )
   return root, expected, ["Tp/Tp_S_NNN_S_N_sec00074_sec00074_00751.tif"]
 
 
@@ -109,18 +113,23 @@ def _columbia(manual):
   shape = (32, 48)  # Colour blocks on the 16-pixel grid, so JPEG keeps them pure.
   _image(os.path.join(root, "4cam_auth", "4cam_auth", "canonxt_29_sub_07.tif"), 0, shape)
   expected = {"4cam_auth/4cam_auth/canonxt_29_sub_07.tif": (None, "none")}
-  for index, (name, region) in enumerate([("canong3_canonxt_sub_01.tif", _box(16, 16, 32, 48,
-                                                                              shape)),
-                                          ("nikond70_kodakdcs330_sub_22.bmp", _box(0, 0, 16, 16,
-                                                                                   shape))]):
+  for index, (name, region) in enumerate(
+    [
+      ("canong3_canonxt_sub_01.tif", _box(16, 16, 32, 48, shape)),
+      ("nikond70_kodakdcs330_sub_22.bmp", _box(0, 0, 16, 16, shape)),
+    ]
+  ):
     _image(os.path.join(root, "4cam_splc", name), 1 + index, shape)
     edgemask = np.zeros((*shape, 3), np.uint8)
     # Red: the host camera's region. Green, pure or dark (0, 200, 0), darker than mid-grey: the
     # spliced one.
     edgemask[..., 0] = np.where(region, 0, 255)
     edgemask[..., 1] = np.where(region, 200 if index else 255, 0)
-    _write(os.path.join(root, "4cam_splc", "edgemask", os.path.splitext(name)[0] +
-                        "_edgemask.jpg"), edgemask, (cv2.IMWRITE_JPEG_QUALITY, 75))
+    _write(
+      os.path.join(root, "4cam_splc", "edgemask", os.path.splitext(name)[0] + "_edgemask.jpg"),
+      edgemask,
+      (cv2.IMWRITE_JPEG_QUALITY, 75),
+    )
     expected[f"4cam_splc/{name}"] = (region, "splice")
   return root, expected, []
 
@@ -136,15 +145,24 @@ def _coverage(manual):
   _image(os.path.join(root, "image", "41.tif"), 2)
   _image(os.path.join(root, "image", "41t.tif"), 3)
   _write(os.path.join(root, "mask", "41forged.tif"), _grey(_box(0, 0, 3, 3, (HEIGHT + 2, WIDTH))))
-  return root, {"image/1.tif": (None, "none"), "image/1t.tif": (forged, "copy_move"),
-                "image/41.tif": (None, "none")}, ["image/41t.tif"]
+  return (
+    root,
+    {
+      "image/1.tif": (None, "none"),
+      "image/1t.tif": (forged, "copy_move"),
+      "image/41.tif": (None, "none"),
+    },
+    ["image/41t.tif"],
+  )
 
 
-_NIST_COLUMNS = ("TaskID|ProbeFileID|ProbeFileName|ProbeMaskFileName|DonorFileID|DonorFileName|"
-                 "DonorMaskFileName|IsTarget|ProbePostProcessed|DonorPostProcessed|"
-                 "ManipulationQuality|IsManipulationTypeRemoval|IsManipulationTypeSplice|"
-                 "IsManipulationTypeCopyClone|Collection|BaseFileName|Lighting|IsControl|"
-                 "CorrespondingControlFileName|SemanticConsistency")
+_NIST_COLUMNS = (
+  "TaskID|ProbeFileID|ProbeFileName|ProbeMaskFileName|DonorFileID|DonorFileName|"
+  "DonorMaskFileName|IsTarget|ProbePostProcessed|DonorPostProcessed|"
+  "ManipulationQuality|IsManipulationTypeRemoval|IsManipulationTypeSplice|"
+  "IsManipulationTypeCopyClone|Collection|BaseFileName|Lighting|IsControl|"
+  "CorrespondingControlFileName|SemanticConsistency"
+)
 
 
 def _nist16(manual):
@@ -154,19 +172,46 @@ def _nist16(manual):
   # (probe, mask id, is target, removal, splice, copy-clone, region): the mask ids are not the
   # probe ids, and manipulated pixels are BLACK in the released masks.
   for probe, mask_id, target, removal, splice, clone, region in [
-      ("0128", "3942", "Y", "N", "Y", "N", _box(3, 4, 10, 14)),
-      ("0940", "6409", "Y", "Y", "N", "Y", _box(0, 0, 16, 5)),
-      ("1111", "", "N", "N", "N", "N", None)]:
+    ("0128", "3942", "Y", "N", "Y", "N", _box(3, 4, 10, 14)),
+    ("0940", "6409", "Y", "Y", "N", "Y", _box(0, 0, 16, 5)),
+    ("1111", "", "N", "N", "N", "N", None),
+  ]:
     probe_name = f"probe/NC2016_{probe}.jpg"
     mask_name = f"reference/manipulation/mask/NC2016_{mask_id}.png" if mask_id else ""
     _image(os.path.join(root, probe_name), int(probe))
     if mask_name:
       _write(os.path.join(root, mask_name), _grey(region, inside=0, outside=255))
-    rows.append("|".join(["manipulation", f"NC2016_{probe}", probe_name, mask_name, "", "", "",
-                          target, "none", "", "", removal, splice, clone, "Nimble-WEB",
-                          "NC2016_0001", "", "N", "", ""]))
-    manip = "+".join(t for t, flag in (("splice", splice), ("removal", removal),
-                                       ("copy_move", clone)) if flag == "Y")
+    rows.append(
+      "|".join(
+        [
+          "manipulation",
+          f"NC2016_{probe}",
+          probe_name,
+          mask_name,
+          "",
+          "",
+          "",
+          target,
+          "none",
+          "",
+          "",
+          removal,
+          splice,
+          clone,
+          "Nimble-WEB",
+          "NC2016_0001",
+          "",
+          "N",
+          "",
+          "",
+        ]
+      )
+    )
+    manip = "+".join(
+      t
+      for t, flag in (("splice", splice), ("removal", removal), ("copy_move", clone))
+      if flag == "Y"
+    )
     expected[probe_name] = (region, manip or "none")
   csv_path = os.path.join(root, "reference", "manipulation", "NC2016-manipulation-ref.csv")
   with open(csv_path, "w") as f:
@@ -205,8 +250,10 @@ def _dso1(manual, inverted=True):
   for index, region in ((1, _box(2, 2, 14, 9)), (2, _box(0, 12, 8, 24))):
     name = f"splicing-{index:02d}.png"
     _image(os.path.join(root, "DSO-1", name), index)
-    _write(os.path.join(root, "DSO-1-Fake-Images-Masks", name),
-           _grey(region, inside=0, outside=255) if inverted else _grey(region))
+    _write(
+      os.path.join(root, "DSO-1-Fake-Images-Masks", name),
+      _grey(region, inside=0, outside=255) if inverted else _grey(region),
+    )
     expected[f"DSO-1/{name}"] = (region, "splice")
   return root, expected, []
 
@@ -233,13 +280,35 @@ def _korus(manual):
   return root, expected, ["data-images/Canon_60D/pristine/DPP0078.tif"]
 
 
-FIXTURES = {"casia1": _casia1, "casia2": _casia2, "columbia": _columbia, "coverage": _coverage,
-            "nist16": _nist16, "imd2020": _imd2020, "dso1": _dso1, "korus": _korus}
+FIXTURES = {
+  "casia1": _casia1,
+  "casia2": _casia2,
+  "columbia": _columbia,
+  "coverage": _coverage,
+  "nist16": _nist16,
+  "imd2020": _imd2020,
+  "dso1": _dso1,
+  "korus": _korus,
+}
 
 
 def _build(config, manual, data_dir, capsys):
-  code = cli.main(["data", "build", "iml_benchmarks", "--config", config, "--manual-dir",
-                   str(manual), "--data-dir", str(data_dir), "--builders", BUILDERS, "--json"])
+  code = cli.main(
+    [
+      "data",
+      "build",
+      "iml_benchmarks",
+      "--config",
+      config,
+      "--manual-dir",
+      str(manual),
+      "--data-dir",
+      str(data_dir),
+      "--builders",
+      BUILDERS,
+      "--json",
+    ]
+  )
   out, err = capsys.readouterr()
   return code, out, err
 
@@ -247,6 +316,7 @@ def _build(config, manual, data_dir, capsys):
 @pytest.mark.parametrize("config", sorted(FIXTURES))
 def test_each_benchmark_builds_to_binary_aligned_masks(config, tmp_path, capsys, caplog):
   import tensorflow_datasets as tfds
+
   manual, data_dir = tmp_path / "manual", tmp_path / "tfds"
   root, expected, left_out = FIXTURES[config](str(manual))
   code, out, err = _build(config, manual, data_dir, capsys)
@@ -257,7 +327,8 @@ def test_each_benchmark_builds_to_binary_aligned_masks(config, tmp_path, capsys,
   samples = {built[i]["id"]: built[i] for i in range(len(built))}
   assert sorted(samples) == sorted(expected)
   stored = tfds.builder_from_directory(
-      os.path.join(data_dir, "iml_benchmarks", config, "1.0.0")).as_data_source("test")
+    os.path.join(data_dir, "iml_benchmarks", config, "1.0.0")
+  ).as_data_source("test")
   stored_images = {r["id"].decode(): r["image"] for r in (stored[i] for i in range(len(stored)))}
   for example_id, (region, manip_type) in expected.items():
     sample = samples[example_id]
@@ -278,7 +349,8 @@ def test_each_benchmark_builds_to_binary_aligned_masks(config, tmp_path, capsys,
     assert {s["group"] for s in samples.values()} == {"NC2016_0001"}
   if config == "korus":
     assert samples["data-images/Nikon_D90/pristine/r07ece355t.TIF"]["group"] == (
-        "data-images/Nikon_D90/r07ece355t")
+      "data-images/Nikon_D90/r07ece355t"
+    )
 
 
 def test_build_errors_name_the_folder_or_file(tmp_path, capsys):
@@ -321,9 +393,13 @@ def test_casia1_on_the_shared_real_samples(shared_data, tmp_path, capsys):
   for name in names:
     kind = "Sp" if name.startswith("Sp_D_") else "CM"
     stem = os.path.splitext(name)[0]
-    for source, target in ((os.path.join(samples, "tampered", name), root / "Tp" / kind / name),
-                           (os.path.join(samples, "masks", name),
-                            root / "CASIA 1.0 groundtruth" / kind / f"{stem}_gt.png")):
+    for source, target in (
+      (os.path.join(samples, "tampered", name), root / "Tp" / kind / name),
+      (
+        os.path.join(samples, "masks", name),
+        root / "CASIA 1.0 groundtruth" / kind / f"{stem}_gt.png",
+      ),
+    ):
       target.parent.mkdir(parents=True, exist_ok=True)
       os.symlink(source, target)
   code, out, err = _build("casia1", tmp_path / "manual", tmp_path / "tfds", capsys)

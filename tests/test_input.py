@@ -9,6 +9,7 @@ import pytest
 from miml_jax import io
 from miml_jax.errors import UserInputError
 from miml_jax.input import pipeline, sources, transforms
+from miml_jax.tasks import segmentation
 
 
 class ArraySource:
@@ -16,9 +17,15 @@ class ArraySource:
 
   def __init__(self, n=10, size=40):
     rng = np.random.default_rng(0)
-    self.items = [{"image": rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8),
-                   "mask": (rng.random((size, size + 8)) > 0.7).astype(np.uint8) * 255,
-                   "id": str(i), "is_jpeg": False} for i in range(n)]
+    self.items = [
+      {
+        "image": rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8),
+        "mask": (rng.random((size, size + 8)) > 0.7).astype(np.uint8) * 255,
+        "id": str(i),
+        "is_jpeg": False,
+      }
+      for i in range(n)
+    ]
 
   def __len__(self):
     return len(self.items)
@@ -29,8 +36,7 @@ class ArraySource:
 
 def test_decode_label_soft_band():
   mask = np.array([[0, 7, 8, 100, 192, 193, 255]], np.uint8)
-  np.testing.assert_array_equal(transforms.decode_label(mask),
-                                [[0, 0, 255, 255, 255, 1, 1]])
+  np.testing.assert_array_equal(transforms.decode_label(mask), [[0, 0, 255, 255, 255, 1, 1]])
 
 
 def test_train_augment_shapes_and_determinism():
@@ -50,11 +56,19 @@ def test_geometric_augment_keeps_image_and_mask_aligned():
   image = np.zeros((48, 48, 3), np.uint8)
   image[..., 0] = (rng.random((48, 48)) > 0.5) * 255
   # resize_range 1.5 x crop 32 = 48, the image size: no resampling, only crops and turns.
-  cfg = transforms.AugmentConfig(crop_size=32, resize_range=(1.5, 1.5), jpeg_prob=0.0,
-                                 rgb_shift_prob=0.0, hflip=0.5, vflip=0.5, rot90=0.5)
+  cfg = transforms.AugmentConfig(
+    crop_size=32,
+    resize_range=(1.5, 1.5),
+    jpeg_prob=0.0,
+    rgb_shift_prob=0.0,
+    hflip=0.5,
+    vflip=0.5,
+    rot90=0.5,
+  )
   for seed in range(8):
-    out, label = transforms.train_augment(image, image[..., 0].copy(),
-                                          np.random.default_rng(seed), cfg)
+    out, label = transforms.train_augment(
+      image, image[..., 0].copy(), np.random.default_rng(seed), cfg
+    )
     np.testing.assert_array_equal(out[..., 0] // 255, label)
 
 
@@ -65,14 +79,23 @@ def _batches(it, n):
 def test_pipeline_is_deterministic_and_resumes_exactly():
   source = ArraySource(10)
   cfg = transforms.AugmentConfig(crop_size=32)
-  make = lambda start=0: iter(pipeline.train_dataset(source, batch_size=3, augment=cfg, seed=7,
-                                                     start_step=start))
+  make = lambda start=0: iter(
+    pipeline.train_dataset(
+      source, batch_size=3, transform=segmentation.train_transform(cfg), seed=7, start_step=start
+    )
+  )
   reference = _batches(make(), 8)  # 24 elements: past two epochs, so reshuffles are covered.
   resumed = _batches(make(), 3) + _batches(make(start=3), 5)
   for got, want in zip(resumed, reference):
     np.testing.assert_array_equal(got["image"], want["image"])
     np.testing.assert_array_equal(got["label"], want["label"])
-  other_seed = next(iter(pipeline.train_dataset(source, batch_size=3, augment=cfg, seed=8)))
+  other_seed = next(
+    iter(
+      pipeline.train_dataset(
+        source, batch_size=3, transform=segmentation.train_transform(cfg), seed=8
+      )
+    )
+  )
   assert not np.array_equal(other_seed["image"], reference[0]["image"])
 
 
@@ -82,17 +105,37 @@ def test_global_batches_do_not_depend_on_the_process_count(processes):
   process p's rows are rows [p*B/P, (p+1)*B/P) of each."""
   source = ArraySource(7)
   cfg = transforms.AugmentConfig(crop_size=32)
-  one = _batches(iter(pipeline.train_dataset(source, batch_size=6, augment=cfg, seed=1)), 5)
-  hosts = [iter(pipeline.train_dataset(source, batch_size=6, augment=cfg, seed=1,
-                                       process_index=p, process_count=processes, start_step=2))
-           for p in range(processes)]
+  one = _batches(
+    iter(
+      pipeline.train_dataset(
+        source, batch_size=6, transform=segmentation.train_transform(cfg), seed=1
+      )
+    ),
+    5,
+  )
+  hosts = [
+    iter(
+      pipeline.train_dataset(
+        source,
+        batch_size=6,
+        transform=segmentation.train_transform(cfg),
+        seed=1,
+        process_index=p,
+        process_count=processes,
+        start_step=2,
+      )
+    )
+    for p in range(processes)
+  ]
   for want in one[2:]:
     parts = [next(h) for h in hosts]
     assert all(len(part["image"]) == 6 // processes for part in parts)
     for key in ("image", "label"):
       np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), want[key])
   with pytest.raises(ValueError, match="does not split over 4 processes"):
-    pipeline.train_dataset(source, batch_size=6, augment=cfg, seed=1, process_count=4)
+    pipeline.train_dataset(
+      source, batch_size=6, transform=segmentation.train_transform(cfg), seed=1, process_count=4
+    )
 
 
 def test_eval_batches_pad_group_and_fill():
@@ -176,14 +219,21 @@ def test_skip_mode_replaces_in_training_and_drops_in_evaluation(tmp_path):
   with pytest.raises(UserInputError, match="data.on_error='maybe'"):
     sources.make_source(f"folder:{tmp_path}", "train", on_error="maybe")
   train = sources.make_source(f"folder:{tmp_path}", "train", on_error="skip", for_training=True)
-  assert len(train) == 4 and [m.split(":")[1] for m in train.skipped] == [" no mask " + str(
-      tmp_path / "masks" / "4") + ".png"]
+  assert len(train) == 4 and [m.split(":")[1] for m in train.skipped] == [
+    " no mask " + str(tmp_path / "masks" / "4") + ".png"
+  ]
   # Index 0 (bad mask) is replaced by 1; 2 (truncated) by 3; the replaced files are named.
   assert train[0]["id"] == "imgs/1.jpg" and "0.png: mask is 5x5" in train[0]["skipped"]
   assert train[2]["id"] == "imgs/3.jpg" and "2.jpg: not a readable image" in train[2]["skipped"]
   assert train[1]["skipped"] == ""
   cfg = transforms.AugmentConfig(crop_size=16)
-  batch = next(iter(pipeline.train_dataset(train, batch_size=4, augment=cfg, seed=0)))
+  batch = next(
+    iter(
+      pipeline.train_dataset(
+        train, batch_size=4, transform=segmentation.train_transform(cfg), seed=0
+      )
+    )
+  )
   assert sum(bool(r) for r in batch["skipped"]) == 2  # One epoch: both bad files, once each.
   evaluation = sources.make_source(f"folder:{tmp_path}", "validation", on_error="skip")
   kept = [b["samples"] for b in pipeline.eval_batches(evaluation, batch_size=2)]
@@ -207,9 +257,14 @@ def test_mixture_repeats_each_source_per_epoch():
       names[value] = f"{name}{i}"
   mixture = sources.MixtureSource([("a", a, 2), ("b", b, 1)])
   assert len(mixture) == 8 and mixture[7]["id"] == "b/1" and mixture[4]["id"] == "a/1"
-  cfg = transforms.AugmentConfig(crop_size=16, resize_range=(1.0, 1.0), hflip=0, vflip=0,
-                                 rot90=0, jpeg_prob=0, rgb_shift_prob=0)
-  stream = iter(pipeline.train_dataset(mixture, batch_size=4, augment=cfg, seed=3))
+  cfg = transforms.AugmentConfig(
+    crop_size=16, resize_range=(1.0, 1.0), hflip=0, vflip=0, rot90=0, jpeg_prob=0, rgb_shift_prob=0
+  )
+  stream = iter(
+    pipeline.train_dataset(
+      mixture, batch_size=4, transform=segmentation.train_transform(cfg), seed=3
+    )
+  )
   epoch = np.concatenate([next(stream)["image"] for _ in range(2)])  # 8 = one epoch
   counts = {}
   for crop in epoch:
@@ -222,8 +277,10 @@ def test_mixture_spec_and_its_errors():
   mixture = sources.make_source("synthetic:5*3 + synthetic:4", "train", image_size=32)
   assert len(mixture) == 19 and mixture.describe() == "synthetic:5 (5 x 3) + synthetic:4 (4 x 1)"
   assert mixture[15]["id"].startswith("synthetic:4/")
-  for spec, message in (("synthetic*0", "cannot read 'synthetic\\*0'"),
-                        ("synthetic+", "cannot read ''"),
-                        ("synthetic*2+hdf5:x", "unknown kind 'hdf5'")):
+  for spec, message in (
+    ("synthetic*0", "cannot read 'synthetic\\*0'"),
+    ("synthetic+", "cannot read ''"),
+    ("synthetic*2+hdf5:x", "unknown kind 'hdf5'"),
+  ):
     with pytest.raises(UserInputError, match=message):
       sources.make_source(spec, "train")

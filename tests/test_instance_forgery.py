@@ -33,7 +33,7 @@ def ellipse(height, width, centre, axes, angle=0.0):
 def column_runs(mask):
   """Column-major run lengths starting with a 0 run, pixel by pixel (independent of coco.py)."""
   runs, current, length = [], 0, 0
-  for value in (np.asarray(mask).T.ravel() != 0):
+  for value in np.asarray(mask).T.ravel() != 0:
     if value != current:
       runs.append(length)
       current, length = value, 0
@@ -48,7 +48,8 @@ def polygon(x, y, w, h):
 def write_coco(root, images, annotations, layout_file="instances.json"):
   (root / "annotations").mkdir(parents=True, exist_ok=True)
   (root / "annotations" / layout_file).write_text(
-      json.dumps({"images": images, "annotations": annotations, "categories": []}))
+    json.dumps({"images": images, "annotations": annotations, "categories": []})
+  )
 
 
 @pytest.fixture
@@ -62,34 +63,83 @@ def coco_tree(tmp_path):
   for k, name in enumerate(names):
     io.write_image(str(root / "images" / name), noise(HEIGHT, WIDTH, k))
   splits = ["train2017", "train2017", "val2017", "val2017", "train2017"]
-  images = [{"id": 100 + k, "file_name": name, "height": HEIGHT, "width": WIDTH,
-             "split": split} for k, (name, split) in enumerate(zip(names, splits))]
+  images = [
+    {"id": 100 + k, "file_name": name, "height": HEIGHT, "width": WIDTH, "split": split}
+    for k, (name, split) in enumerate(zip(names, splits))
+  ]
   size = [HEIGHT, WIDTH]
   blob = ellipse(HEIGHT, WIDTH, (55, 40), (14, 10), 30)
   disc = ellipse(HEIGHT, WIDTH, (25, 30), (16, 12))
   annotations = [
-      {"id": 1, "image_id": 100, "category_id": 3, "iscrowd": 0,
-       "segmentation": [polygon(4, 4, 30, 24)]},
-      {"id": 2, "image_id": 100, "category_id": 1, "iscrowd": 0,  # Overlaps annotation 1.
-       "segmentation": [polygon(20, 14, 30, 30)]},
-      {"id": 3, "image_id": 100, "category_id": 7, "iscrowd": 0,
-       "segmentation": {"size": size, "counts": column_runs(blob)}},
-      {"id": 2000000004, "image_id": 101, "category_id": 18, "iscrowd": 0,
-       "segmentation": {"size": size, "counts": coco.encode_rle_string(column_runs(disc))}},
-      {"id": 5, "image_id": 101, "category_id": 1, "iscrowd": 0,
-       "segmentation": [polygon(44, 6, 28, 40)]},
-      {"id": 6, "image_id": 102, "category_id": 2, "iscrowd": 0,
-       "segmentation": [polygon(10, 10, 40, 30)]},
-      {"id": 7, "image_id": 104, "category_id": 1, "iscrowd": 1,
-       "segmentation": {"size": size, "counts": column_runs(disc)}},
+    {
+      "id": 1,
+      "image_id": 100,
+      "category_id": 3,
+      "iscrowd": 0,
+      "segmentation": [polygon(4, 4, 30, 24)],
+    },
+    {
+      "id": 2,
+      "image_id": 100,
+      "category_id": 1,
+      "iscrowd": 0,  # Overlaps annotation 1.
+      "segmentation": [polygon(20, 14, 30, 30)],
+    },
+    {
+      "id": 3,
+      "image_id": 100,
+      "category_id": 7,
+      "iscrowd": 0,
+      "segmentation": {"size": size, "counts": column_runs(blob)},
+    },
+    {
+      "id": 2000000004,
+      "image_id": 101,
+      "category_id": 18,
+      "iscrowd": 0,
+      "segmentation": {"size": size, "counts": coco.encode_rle_string(column_runs(disc))},
+    },
+    {
+      "id": 5,
+      "image_id": 101,
+      "category_id": 1,
+      "iscrowd": 0,
+      "segmentation": [polygon(44, 6, 28, 40)],
+    },
+    {
+      "id": 6,
+      "image_id": 102,
+      "category_id": 2,
+      "iscrowd": 0,
+      "segmentation": [polygon(10, 10, 40, 30)],
+    },
+    {
+      "id": 7,
+      "image_id": 104,
+      "category_id": 1,
+      "iscrowd": 1,
+      "segmentation": {"size": size, "counts": column_runs(disc)},
+    },
   ]
   write_coco(root, images, annotations)
   return root, {"blob": blob, "disc": disc}
 
 
 def build(manual, data_dir, capsys):
-  code = cli.main(["data", "build", "coco_instances", "--manual-dir", str(manual), "--data-dir",
-                   str(data_dir), "--builders", BUILDERS, "--json"])
+  code = cli.main(
+    [
+      "data",
+      "build",
+      "coco_instances",
+      "--manual-dir",
+      str(manual),
+      "--data-dir",
+      str(data_dir),
+      "--builders",
+      BUILDERS,
+      "--json",
+    ]
+  )
   out, err = capsys.readouterr()
   assert code == 0, err[-2000:]
   return json.loads(out)["splits"]
@@ -113,8 +163,12 @@ def assert_same_samples(a, b):
 
 def test_mask_runs_round_trip():
   rng = np.random.default_rng(0)
-  masks = [np.zeros((5, 7), np.uint8), np.ones((5, 7), np.uint8),
-           ellipse(37, 53, (20, 15), (14, 9), 25), (rng.random((9, 11)) < 0.5).astype(np.uint8)]
+  masks = [
+    np.zeros((5, 7), np.uint8),
+    np.ones((5, 7), np.uint8),
+    ellipse(37, 53, (20, 15), (14, 9), 25),
+    (rng.random((9, 11)) < 0.5).astype(np.uint8),
+  ]
   masks[3][0, 0] = 1  # The first run is an empty 0 run.
   for mask in masks:
     runs = coco.mask_to_runs(mask)
@@ -149,14 +203,16 @@ def test_builder_reads_back_like_the_folder(coco_tree, tmp_path, capsys):
       if kind == "coco_splice" and split == "validation":
         continue  # One validation image: no donor (tested below).
       on_folder = sources.make_source(f"{kind}:{root}", split, image_size=64, seed=5)
-      on_built = sources.make_source(f"{kind}:tfds:{data_dir}/coco_instances", split,
-                                     image_size=64, seed=5)
+      on_built = sources.make_source(
+        f"{kind}:tfds:{data_dir}/coco_instances", split, image_size=64, seed=5
+      )
       assert len(on_folder) == len(on_built)
       for index in range(len(on_folder)):
         assert_same_samples(on_built[index], on_folder[index])
   # A named split, and a split that is not there.
-  explicit = sources.make_source(f"coco:tfds:{data_dir}/coco_instances@validation", "train",
-                                 image_size=64)
+  explicit = sources.make_source(
+    f"coco:tfds:{data_dir}/coco_instances@validation", "train", image_size=64
+  )
   assert explicit[0]["id"] == "c.png"
   with pytest.raises(UserInputError, match="no split 'test'"):
     sources.make_source(f"coco:tfds:{data_dir}/coco_instances@test", "train")
@@ -176,8 +232,15 @@ def test_builder_official_layout(tmp_path, capsys):
       image_id = int(name[0])
       io.write_image(str(root / f"{split}2017" / name), noise(HEIGHT, WIDTH, image_id))
       images.append({"id": image_id, "file_name": name, "height": HEIGHT, "width": WIDTH})
-      annotations.append({"id": 10 * image_id, "image_id": image_id, "category_id": image_id,
-                          "iscrowd": 0, "segmentation": [polygon(8, 8, 20 + image_id, 30)]})
+      annotations.append(
+        {
+          "id": 10 * image_id,
+          "image_id": image_id,
+          "category_id": image_id,
+          "iscrowd": 0,
+          "segmentation": [polygon(8, 8, 20 + image_id, 30)],
+        }
+      )
     write_coco(root, images, annotations, f"instances_{split}2017.json")
   assert coco.find_splits(str(root)).keys() == {"train", "val"}
   data_dir = tmp_path / "tfds"
@@ -186,7 +249,8 @@ def test_builder_official_layout(tmp_path, capsys):
     folder = coco.CocoInstances(str(root), split_name=coco_split)
     built = sources.make_source(f"coco:tfds:{data_dir}/coco_instances", split).coco
     assert [built[i]["name"] for i in range(len(built))] == (
-        train_names if split == "train" else ["3.png"])
+      train_names if split == "train" else ["3.png"]
+    )
     for index in range(len(folder)):
       assert_same_items(built[index], folder[index])
 
@@ -212,20 +276,29 @@ def test_paste_is_clipped_and_occluded():
 def host_and_objects(seed=0):
   """A host crop (noise in 0..99) with two objects, and a donor (noise in 150..255) with three."""
   host = noise(96, 96, seed, 0, 100)
-  host_objects = np.stack([ellipse(96, 96, (30, 30), (14, 10)),
-                           ellipse(96, 96, (70, 64), (12, 18), 40)])
+  host_objects = np.stack(
+    [ellipse(96, 96, (30, 30), (14, 10)), ellipse(96, 96, (70, 64), (12, 18), 40)]
+  )
   donor = noise(80, 90, seed + 1, 150, 256)
-  donor_objects = np.stack([ellipse(80, 90, (25, 25), (15, 12), 10),
-                            ellipse(80, 90, (60, 50), (18, 14), 70),
-                            ellipse(80, 90, (45, 20), (10, 16))])
+  donor_objects = np.stack(
+    [
+      ellipse(80, 90, (25, 25), (15, 12), 10),
+      ellipse(80, 90, (60, 50), (18, 14), 70),
+      ellipse(80, 90, (45, 20), (10, 16)),
+    ]
+  )
   return host, host_objects, donor, donor_objects
 
 
 def test_splice_mask_is_exactly_the_changed_pixels():
   host, host_objects, donor, donor_objects = host_and_objects()
   cfg = InstanceForgeryConfig(occlude_prob=0.5, min_area=64)
-  results = [instance_forgery.splice(host, donor, donor_objects, np.random.default_rng(seed),
-                                     cfg, host_instances=host_objects) for seed in range(24)]
+  results = [
+    instance_forgery.splice(
+      host, donor, donor_objects, np.random.default_rng(seed), cfg, host_instances=host_objects
+    )
+    for seed in range(24)
+  ]
   made = [r for r in results if r is not None]
   assert len(made) >= 18
   front = host_objects.any(0)
@@ -238,10 +311,12 @@ def test_splice_mask_is_exactly_the_changed_pixels():
     if result.occluded:
       assert not (mask & front).any()
     # The composite is the donor object cut at the drawn scale and mirror, pasted at (x, y).
-    patch, alpha = instance_forgery.cut_object(donor, donor_objects[result.object_index],
-                                               result.scale, result.flip)
-    expected, written = instance_forgery.paste(host, patch, alpha, result.x, result.y,
-                                               front if result.occluded else None)
+    patch, alpha = instance_forgery.cut_object(
+      donor, donor_objects[result.object_index], result.scale, result.flip
+    )
+    expected, written = instance_forgery.paste(
+      host, patch, alpha, result.x, result.y, front if result.occluded else None
+    )
     assert expected.tobytes() == result.image.tobytes()
     np.testing.assert_array_equal(written, mask)
   assert {r.occluded for r in made} == {True, False} and {r.flip for r in made} == {True, False}
@@ -249,8 +324,9 @@ def test_splice_mask_is_exactly_the_changed_pixels():
   # Some pastes hang over an edge (clipped), some go behind a host object (hidden in part).
   clipped = hidden = 0
   for r in made:
-    patch, alpha = instance_forgery.cut_object(donor, donor_objects[r.object_index], r.scale,
-                                               r.flip)
+    patch, alpha = instance_forgery.cut_object(
+      donor, donor_objects[r.object_index], r.scale, r.flip
+    )
     placed = instance_forgery.paste(host, patch, alpha, r.x, r.y)[1]
     clipped += np.count_nonzero(placed) < np.count_nonzero(alpha)
     hidden += r.occluded and bool((placed & front).any())
@@ -262,8 +338,10 @@ def test_copy_move_copies_an_object_elsewhere():
   inside = objects.any(0)
   image[inside] = noise(96, 96, 9, 150, 256)[inside]  # Objects bright, background dark.
   cfg = InstanceForgeryConfig(occlude_prob=0.5, min_area=64, scale_range=(0.8, 1.2))
-  made = [instance_forgery.copy_move(image, objects, np.random.default_rng(seed), cfg)
-          for seed in range(24)]
+  made = [
+    instance_forgery.copy_move(image, objects, np.random.default_rng(seed), cfg)
+    for seed in range(24)
+  ]
   made = [r for r in made if r is not None]
   assert len(made) >= 12
   for result in made:
@@ -271,12 +349,14 @@ def test_copy_move_copies_an_object_elsewhere():
     np.testing.assert_array_equal(mask, (result.image != image).any(-1))
     # Not over the object it copies: the copy's pixels lie outside the source's box.
     x, y, w, h = cv2.boundingRect(objects[result.object_index])
-    assert not mask[y:y + h, x:x + w].any()
-    patch, alpha = instance_forgery.cut_object(image, objects[result.object_index], result.scale,
-                                               result.flip)
+    assert not mask[y : y + h, x : x + w].any()
+    patch, alpha = instance_forgery.cut_object(
+      image, objects[result.object_index], result.scale, result.flip
+    )
     others = np.delete(objects, result.object_index, axis=0).any(0)
-    expected, written = instance_forgery.paste(image, patch, alpha, result.x, result.y,
-                                               others if result.occluded else None)
+    expected, written = instance_forgery.paste(
+      image, patch, alpha, result.x, result.y, others if result.occluded else None
+    )
     assert expected.tobytes() == result.image.tobytes()
     np.testing.assert_array_equal(written, mask)
   assert len({r.scale for r in made}) == len(made) and {r.flip for r in made} == {True, False}
@@ -295,8 +375,10 @@ def test_rejection_rules():
   assert all(instance_forgery.splice(host, donor, tiny, r, cfg) is None for r in rngs)
   assert all(instance_forgery.splice(host, donor, huge, r, cfg) is None for r in rngs)
   assert all(instance_forgery.copy_move(donor, tiny, r, cfg) is None for r in rngs)
-  assert instance_forgery.splice(host, donor, np.zeros((0, 80, 90), bool),
-                                 np.random.default_rng(0), cfg) is None
+  assert (
+    instance_forgery.splice(host, donor, np.zeros((0, 80, 90), bool), np.random.default_rng(0), cfg)
+    is None
+  )
   # Among tiny, huge and one good object, the good one is always the one pasted.
   mixed = np.concatenate([tiny, huge, good])
   for seed in range(10):
@@ -305,16 +387,22 @@ def test_rejection_rules():
   # Pasted behind a host object that covers the whole crop: nothing is written, rejected.
   wall = np.ones((1, 96, 96), np.uint8)
   hidden = InstanceForgeryConfig(scale_range=(1.0, 1.0), occlude_prob=1.0)
-  assert instance_forgery.splice(host, donor, good, np.random.default_rng(0), hidden,
-                                 host_instances=wall) is None
+  assert (
+    instance_forgery.splice(
+      host, donor, good, np.random.default_rng(0), hidden, host_instances=wall
+    )
+    is None
+  )
   # A frame whose box is the whole crop leaves no place clear of it for its copy.
   frame = np.zeros((1, 96, 96), np.uint8)
   cv2.rectangle(frame[0], (0, 0), (95, 95), 1, 4)
-  assert all(instance_forgery.copy_move(host, frame, np.random.default_rng(s), cfg) is None
-             for s in range(5))
+  assert all(
+    instance_forgery.copy_move(host, frame, np.random.default_rng(s), cfg) is None for s in range(5)
+  )
   with_others = np.concatenate([frame, host_objects])
-  copies = [instance_forgery.copy_move(host, with_others, np.random.default_rng(s), cfg)
-            for s in range(10)]
+  copies = [
+    instance_forgery.copy_move(host, with_others, np.random.default_rng(s), cfg) for s in range(10)
+  ]
   assert {c.object_index for c in copies if c is not None} == {1, 2}
 
 
@@ -342,8 +430,14 @@ def test_source_is_deterministic_per_index_and_falls_back(coco_tree, tmp_path):
   # Only tiny objects: every attempt fails and the crop comes back authentic.
   folder = coco.CocoInstances(str(root))
   source = instance_forgery.InstanceForgerySource(
-      folder, "copy_move", crop_size=64, seed=0, split_id=0, keep_host=True,
-      config=InstanceForgeryConfig(min_area=2000, max_attempts=3))
+    folder,
+    "copy_move",
+    crop_size=64,
+    seed=0,
+    split_id=0,
+    keep_host=True,
+    config=InstanceForgeryConfig(min_area=2000, max_attempts=3),
+  )
   sample = source[0]
   assert sample["kind"] == "authentic" and sample["donor"] == "" and not sample["mask"].any()
   assert sample["image"].tobytes() == sample["host_image"].tobytes()
@@ -359,24 +453,50 @@ def test_errors_name_the_problem(coco_tree, tmp_path, capsys):
       sources.make_source(f"{kind}:{empty}", "train")
     with pytest.raises(UserInputError, match=f"{kind}:/path/to/coco"):
       sources.make_source(f"{kind}:", "train")
-  code = cli.main(["data", "build", "coco_instances", "--manual-dir", str(empty), "--data-dir",
-                   str(tmp_path / "out"), "--builders", BUILDERS])
+  code = cli.main(
+    [
+      "data",
+      "build",
+      "coco_instances",
+      "--manual-dir",
+      str(empty),
+      "--data-dir",
+      str(tmp_path / "out"),
+      "--builders",
+      BUILDERS,
+    ]
+  )
   assert code == 2 and "no COCO annotation file" in capsys.readouterr().err
   annotation_file = root / "annotations" / "instances.json"
   good = annotation_file.read_text()
-  bad_files = [("{not json", "not a COCO annotation file"),
-               (json.dumps({"images": []}), "needs 'images' and 'annotations'"),
-               (json.dumps({"images": {}, "annotations": []}), "must be lists"),
-               (good.replace('"segmentation": [[10', '"segmentation": "x", "y": [[10'),
-                "segmentation must be polygons or an RLE dict"),
-               (good.replace('"image_id": 102', '"image_id": 999'), "image_id 999")]
+  bad_files = [
+    ("{not json", "not a COCO annotation file"),
+    (json.dumps({"images": []}), "needs 'images' and 'annotations'"),
+    (json.dumps({"images": {}, "annotations": []}), "must be lists"),
+    (
+      good.replace('"segmentation": [[10', '"segmentation": "x", "y": [[10'),
+      "segmentation must be polygons or an RLE dict",
+    ),
+    (good.replace('"image_id": 102', '"image_id": 999'), "image_id 999"),
+  ]
   for text, message in bad_files:
     annotation_file.write_text(text)
     with pytest.raises(UserInputError, match=message) as error:
       sources.make_source(f"coco_splice:{root}", "validation")
     assert str(annotation_file) in str(error.value)
-    code = cli.main(["data", "build", "coco_instances", "--manual-dir", str(root), "--data-dir",
-                     str(tmp_path / "out"), "--builders", BUILDERS])
+    code = cli.main(
+      [
+        "data",
+        "build",
+        "coco_instances",
+        "--manual-dir",
+        str(root),
+        "--data-dir",
+        str(tmp_path / "out"),
+        "--builders",
+        BUILDERS,
+      ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err and str(annotation_file) in err, err[-2000:]
   annotation_file.write_text(good)
@@ -414,8 +534,10 @@ def test_real_coco_subset_builds(shared_data, tmp_path, capsys):
     shutil.copy(os.path.join(source, "images", image["file_name"]), root / "images")
   write_coco(root, images, [a for a in data["annotations"] if a["image_id"] in keep])
   splits = build(root, tmp_path / "tfds", capsys)
-  folders = {{"val": "validation"}.get(name, name): coco.CocoInstances(str(root), split_name=name)
-             for name in coco.find_splits(str(root))}
+  folders = {
+    {"val": "validation"}.get(name, name): coco.CocoInstances(str(root), split_name=name)
+    for name in coco.find_splits(str(root))
+  }
   assert splits == {split: len(folder) for split, folder in folders.items()}
   assert sum(splits.values()) == len(keep) - sum(f.num_skipped for f in folders.values())
   for split in splits:
@@ -423,8 +545,9 @@ def test_real_coco_subset_builds(shared_data, tmp_path, capsys):
     for index in range(len(built)):
       assert_same_items(built[index], folders[split][index])
   on_folder = sources.make_source(f"coco_splice:{root}", "train", image_size=128, seed=0)
-  on_built = sources.make_source(f"coco_splice:tfds:{tmp_path / 'tfds'}/coco_instances", "train",
-                                 image_size=128, seed=0)
+  on_built = sources.make_source(
+    f"coco_splice:tfds:{tmp_path / 'tfds'}/coco_instances", "train", image_size=128, seed=0
+  )
   for index in range(3):
     assert_same_samples(on_built[index], on_folder[index])
 
@@ -433,10 +556,18 @@ def test_recipes_come_from_the_data_config(coco_tree):
   """data.object_jitter / data.instance_forgery reach the sources (a config override changes the
   forgeries); an unknown key is an error naming it."""
   from miml_jax import config as config_lib
+
   config = config_lib.load_config(
-      os.path.join(os.path.dirname(__file__), "..", "experiments", "quickstart.py"))
-  config_lib.apply_overrides(config, ["data.image_size=64", "data.instance_forgery.min_area=9",
-                                      "data.object_jitter.enlarge_ratio=0.25"])
+    os.path.join(os.path.dirname(__file__), "..", "experiments", "quickstart.py")
+  )
+  config_lib.apply_overrides(
+    config,
+    [
+      "data.image_size=64",
+      "data.instance_forgery.min_area=9",
+      "data.object_jitter.enlarge_ratio=0.25",
+    ],
+  )
   root, _ = coco_tree
   spec = f"coco:{root}+coco_splice:{root}"
   mixture = sources.source_from_config(spec, "train", config.data)

@@ -42,8 +42,9 @@ def test_ohem_matches_reference(min_kept, thresh):
 def test_cross_entropy_ignores_label():
   logits = np.array([[[[2.0, 0.0], [0.0, 2.0], [5.0, -5.0]]]], np.float32)
   labels = np.array([[[0, 0, IGNORE_LABEL]]], np.uint8)
-  expected = np.mean([-np.log(_softmax(np.array([2.0, 0]))[0]),
-                      -np.log(_softmax(np.array([0.0, 2]))[0])])
+  expected = np.mean(
+    [-np.log(_softmax(np.array([2.0, 0]))[0]), -np.log(_softmax(np.array([0.0, 2]))[0])]
+  )
   np.testing.assert_allclose(float(losses.cross_entropy(logits, labels)), expected, rtol=1e-6)
 
 
@@ -59,19 +60,20 @@ def test_deep_supervision_weights_and_upsampling():
   final = rng.normal(size=(1, 4, 4, 2)).astype(np.float32)
   aux = rng.normal(size=(1, 4, 4, 2)).astype(np.float32)
   labels = rng.integers(0, 2, size=(1, 16, 16)).astype(np.uint8)
-  config = ml_collections.ConfigDict(dict(name="ce", weights=(1.0, 0.25), ohem_thresh=0.7,
-                                          ohem_min_kept=100))
+  config = ml_collections.ConfigDict(
+    dict(name="ce", weights=(1.0, 0.25), ohem_thresh=0.7, ohem_min_kept=100)
+  )
   total, terms = losses.segmentation_loss({"logits": final, "aux": (aux,)}, labels, config)
   assert set(terms) == {"loss_final", "loss_aux0"}
-  np.testing.assert_allclose(float(total),
-                             float(terms["loss_final"]) + 0.25 * float(terms["loss_aux0"]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    float(total), float(terms["loss_final"]) + 0.25 * float(terms["loss_aux0"]), rtol=1e-6
+  )
 
 
 def dice_reference(logits, labels, smooth=1.0):
   prob = _softmax(logits.astype(np.float64))[..., 1]
   valid = labels != IGNORE_LABEL
-  target = (labels == 1)
+  target = labels == 1
   p, t = prob[valid], target[valid]
   return 1.0 - (2.0 * np.sum(p * t) + smooth) / (p.sum() + t.sum() + smooth)
 
@@ -81,8 +83,9 @@ def test_dice_matches_reference_and_punishes_all_authentic():
   logits = rng.normal(size=(2, 6, 5, 2)).astype(np.float32) * 2
   labels = rng.integers(0, 2, size=(2, 6, 5)).astype(np.uint8)
   labels[1, :2] = IGNORE_LABEL
-  np.testing.assert_allclose(float(losses.dice_loss(logits, labels)),
-                             dice_reference(logits, labels), rtol=1e-5)
+  np.testing.assert_allclose(
+    float(losses.dice_loss(logits, labels)), dice_reference(logits, labels), rtol=1e-5
+  )
   # Confidently all-authentic on a 10%-positive mask: CE is small, Dice is (almost) 1.
   labels = np.zeros((1, 10, 10), np.uint8)
   labels[0, :1] = 1
@@ -100,12 +103,12 @@ def test_dice_weight_adds_dice_to_every_output():
   aux = rng.normal(size=(1, 4, 4, 2)).astype(np.float32)
   labels = rng.integers(0, 2, size=(1, 16, 16)).astype(np.uint8)
   outputs = {"logits": final, "aux": (aux,)}
-  config = ml_collections.ConfigDict(dict(name="ce", weights=(1.0, 0.5), ohem_thresh=0.7,
-                                          ohem_min_kept=100, dice_weight=0.0))
+  config = ml_collections.ConfigDict(
+    dict(name="ce", weights=(1.0, 0.5), ohem_thresh=0.7, ohem_min_kept=100, dice_weight=0.0)
+  )
   plain, _ = losses.segmentation_loss(outputs, labels, config)
   config.dice_weight = 2.0
   total, _ = losses.segmentation_loss(outputs, labels, config)
   up = lambda x: losses.resize_bilinear(x, (16, 16), align_corners=False)
-  dice = (float(losses.dice_loss(up(final), labels))
-          + 0.5 * float(losses.dice_loss(up(aux), labels)))
+  dice = float(losses.dice_loss(up(final), labels)) + 0.5 * float(losses.dice_loss(up(aux), labels))
   np.testing.assert_allclose(float(total), float(plain) + 2.0 * dice, rtol=1e-5)

@@ -4,9 +4,9 @@ import types
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from miml_jax import mfu
 
@@ -18,8 +18,9 @@ def test_compiled_flops_counts_a_matmul_per_device():
   assert mfu.compiled_flops(matmul.lower(a, b).compile()) == 2 * 64 * 128 * 32
   # Rows split over the two test devices: each device does half the work.
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
-  sharded = jax.jit(jnp.dot, in_shardings=(NamedSharding(mesh, P("data")),
-                                           NamedSharding(mesh, P())))
+  sharded = jax.jit(
+    jnp.dot, in_shardings=(NamedSharding(mesh, P("data")), NamedSharding(mesh, P()))
+  )
   assert mfu.compiled_flops(sharded.lower(a, b).compile()) == 64 * 128 * 32
 
 

@@ -16,37 +16,36 @@ import pytest
 
 from miml_jax import models
 from miml_jax.errors import UserInputError
-from miml_jax.models import apsc_net
-from miml_jax.models import convnext
-from miml_jax.models import layers
-from miml_jax.models import naming
-from miml_jax.models import web_iml
+from miml_jax.models import apsc_net, convnext, layers, naming, web_iml
+from torch_export import to_torch_layout
 
 # ---------------------------------------------------------------------------------------------
 # The full APSC-Net: parameter count, tensor count, torch key mapping.
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def apsc_shapes():
   """Abstract variables of the official APSC-Net (no memory is allocated)."""
-  model = models.build_model({'name': 'apsc_net'})
+  model = models.build_model({"name": "apsc_net"})
   key = jax.random.PRNGKey(0)
   return jax.eval_shape(
-      lambda: model.init({'params': key, 'dropout': key}, jnp.zeros((1, 64, 64, 3)),
-                         train=False))
+    lambda: model.init({"params": key, "dropout": key}, jnp.zeros((1, 64, 64, 3)), train=False)
+  )
 
 
 def test_apsc_net_param_and_tensor_count(apsc_shapes):
   n_params = models.count_params(apsc_shapes)
-  print(f'APSC-Net parameters: {n_params:,}')
-  # METHODS.md: "about 143 M"; 143.1 M float32 = 572.5 MB, the .pth is 572.9 MB (+ BN stats).
+  print(f"APSC-Net parameters: {n_params:,}")
+  # About 143 M (docs/methods.md, APSC-Net): 572.5 MB in float32; the .pth is 572.9 MB (+ BN stats).
   assert n_params == 143_127_136
 
   keys = naming.flax_tree_to_torch_keys(apsc_shapes)
-  n_bn = sum(1 for k in keys if k.endswith('.running_mean'))
-  n_backbone = sum(1 for k in keys if k.startswith('backbone.'))
-  print(f'torch-keyed tensors: {len(keys)} in flax (backbone {n_backbone}, head '
-        f'{len(keys) - n_backbone}); + {n_bn} num_batches_tracked = {len(keys) + n_bn}')
+  n_bn = sum(1 for k in keys if k.endswith(".running_mean"))
+  n_backbone = sum(1 for k in keys if k.startswith("backbone."))
+  print(
+    f"torch-keyed tensors: {len(keys)} in flax (backbone {n_backbone}, head "
+    f"{len(keys) - n_backbone}); + {n_bn} num_batches_tracked = {len(keys) + n_bn}"
+  )
   # Reconciliation with the official APSC-Net.pth (578 tensors), counted from the reference:
   # backbone: stem conv w/b + LN w/b (4) + 3 downsamplers x (LN w/b + conv w/b) (12) +
   #   36 blocks x (dwconv w/b, norm w/b, pwconv1 w/b, pwconv2 w/b, gamma = 9) (324) +
@@ -68,63 +67,116 @@ def test_apsc_net_param_and_tensor_count(apsc_shapes):
 def test_apsc_net_torch_key_spot_checks(apsc_shapes):
   keys = naming.flax_tree_to_torch_keys(apsc_shapes)
   expected = {
-      'backbone.stages.2.11.dwconv.weight':
-          ('params', 'backbone/stages_2_11/dwconv/kernel', (512, 1, 7, 7)),
-      'backbone.stages.0.0.gamma': ('params', 'backbone/stages_0_0/gamma', (128,)),
-      'backbone.stages.3.2.pwconv1.weight':
-          ('params', 'backbone/stages_3_2/pwconv1/kernel', (4096, 1024)),
-      'backbone.downsample_layers.0.0.weight':
-          ('params', 'backbone/downsample_layers_0_0/kernel', (128, 3, 4, 4)),
-      'backbone.downsample_layers.0.1.weight':
-          ('params', 'backbone/downsample_layers_0_1/scale', (128,)),
-      'backbone.downsample_layers.2.0.bias':
-          ('params', 'backbone/downsample_layers_2_0/bias', (256,)),
-      'backbone.downsample_layers.2.1.weight':
-          ('params', 'backbone/downsample_layers_2_1/kernel', (512, 256, 2, 2)),
-      'backbone.norm3.weight': ('params', 'backbone/norm3/scale', (1024,)),
-      'decode_head.lateral_convs.0.conv.weight':
-          ('params', 'decode_head/lateral_convs_0/conv/kernel', (512, 128, 1, 1)),
-      'decode_head.lateral_convs.0.bn.running_var':
-          ('batch_stats', 'decode_head/lateral_convs_0/bn/var', (512,)),
-      'decode_head.psp_modules.3.1.conv.weight':
-          ('params', 'decode_head/psp_modules_3_1/conv/kernel', (512, 1024, 1, 1)),
-      'decode_head.bottleneck.conv.weight':
-          ('params', 'decode_head/bottleneck/conv/kernel', (512, 3072, 3, 3)),
-      'decode_head.ha.kg.1.conv.weight':
-          ('params', 'decode_head/ha/kg_1/conv/kernel', (32, 1, 5, 5)),
-      'decode_head.ha.kg.5.conv.weight':
-          ('params', 'decode_head/ha/kg_5/conv/kernel', (512, 256, 3, 3)),
-      'decode_head.ha.kg.9.weight': ('params', 'decode_head/ha/kg_9/kernel', (961, 512)),
-      'decode_head.SE1.0.weight': ('params', 'decode_head/SE1_0/kernel', (128, 1024, 1, 1)),
-      'decode_head.SE3.2.bias': ('params', 'decode_head/SE3_2/bias', (4,)),
-      'decode_head.MSDEC.aspp_modules.1.depthwise_conv.conv.weight':
-          ('params', 'decode_head/MSDEC/aspp_modules_1/depthwise_conv/conv/kernel',
-           (2048, 1, 3, 3)),
-      'decode_head.MSDEC.image_pool.1.conv.weight':
-          ('params', 'decode_head/MSDEC/image_pool_1/conv/kernel', (512, 2048, 1, 1)),
-      'decode_head.MSDEC.sep_bottleneck.0.depthwise_conv.conv.weight':
-          ('params', 'decode_head/MSDEC/sep_bottleneck_0/depthwise_conv/conv/kernel',
-           (560, 1, 3, 3)),
-      'decode_head.MSDEC.c1_bottleneck.conv.weight':
-          ('params', 'decode_head/MSDEC/c1_bottleneck/conv/kernel', (48, 256, 1, 1)),
-      'decode_head.MSDEC.conv_seg.weight':
-          ('params', 'decode_head/MSDEC/conv_seg/kernel', (2, 512, 1, 1)),
-      'decode_head.conv_seg.bias': ('params', 'decode_head/conv_seg/bias', (2,)),
-      'decode_head.convert.weight': ('params', 'decode_head/convert/kernel', (256, 512, 1, 1)),
-      'decode_head.CE.cSE.1.weight': ('params', 'decode_head/CE/cSE_1/kernel', (320, 2560, 1, 1)),
-      'decode_head.CE.c11.conv.weight':
-          ('params', 'decode_head/CE/c11/conv/kernel', (2048, 2560, 1, 1)),
-      'decode_head.cls_head.0.conv.weight':
-          ('params', 'decode_head/cls_head_0/conv/kernel', (512, 3072, 1, 1)),
-      'decode_head.cls_head.4.bn.running_mean':
-          ('batch_stats', 'decode_head/cls_head_4/bn/mean', (256,)),
-      'decode_head.cls_head.7.weight':
-          ('params', 'decode_head/cls_head_7/kernel', (2, 256, 1, 1)),
+    "backbone.stages.2.11.dwconv.weight": (
+      "params",
+      "backbone/stages_2_11/dwconv/kernel",
+      (512, 1, 7, 7),
+    ),
+    "backbone.stages.0.0.gamma": ("params", "backbone/stages_0_0/gamma", (128,)),
+    "backbone.stages.3.2.pwconv1.weight": (
+      "params",
+      "backbone/stages_3_2/pwconv1/kernel",
+      (4096, 1024),
+    ),
+    "backbone.downsample_layers.0.0.weight": (
+      "params",
+      "backbone/downsample_layers_0_0/kernel",
+      (128, 3, 4, 4),
+    ),
+    "backbone.downsample_layers.0.1.weight": (
+      "params",
+      "backbone/downsample_layers_0_1/scale",
+      (128,),
+    ),
+    "backbone.downsample_layers.2.0.bias": (
+      "params",
+      "backbone/downsample_layers_2_0/bias",
+      (256,),
+    ),
+    "backbone.downsample_layers.2.1.weight": (
+      "params",
+      "backbone/downsample_layers_2_1/kernel",
+      (512, 256, 2, 2),
+    ),
+    "backbone.norm3.weight": ("params", "backbone/norm3/scale", (1024,)),
+    "decode_head.lateral_convs.0.conv.weight": (
+      "params",
+      "decode_head/lateral_convs_0/conv/kernel",
+      (512, 128, 1, 1),
+    ),
+    "decode_head.lateral_convs.0.bn.running_var": (
+      "batch_stats",
+      "decode_head/lateral_convs_0/bn/var",
+      (512,),
+    ),
+    "decode_head.psp_modules.3.1.conv.weight": (
+      "params",
+      "decode_head/psp_modules_3_1/conv/kernel",
+      (512, 1024, 1, 1),
+    ),
+    "decode_head.bottleneck.conv.weight": (
+      "params",
+      "decode_head/bottleneck/conv/kernel",
+      (512, 3072, 3, 3),
+    ),
+    "decode_head.ha.kg.1.conv.weight": ("params", "decode_head/ha/kg_1/conv/kernel", (32, 1, 5, 5)),
+    "decode_head.ha.kg.5.conv.weight": (
+      "params",
+      "decode_head/ha/kg_5/conv/kernel",
+      (512, 256, 3, 3),
+    ),
+    "decode_head.ha.kg.9.weight": ("params", "decode_head/ha/kg_9/kernel", (961, 512)),
+    "decode_head.SE1.0.weight": ("params", "decode_head/SE1_0/kernel", (128, 1024, 1, 1)),
+    "decode_head.SE3.2.bias": ("params", "decode_head/SE3_2/bias", (4,)),
+    "decode_head.MSDEC.aspp_modules.1.depthwise_conv.conv.weight": (
+      "params",
+      "decode_head/MSDEC/aspp_modules_1/depthwise_conv/conv/kernel",
+      (2048, 1, 3, 3),
+    ),
+    "decode_head.MSDEC.image_pool.1.conv.weight": (
+      "params",
+      "decode_head/MSDEC/image_pool_1/conv/kernel",
+      (512, 2048, 1, 1),
+    ),
+    "decode_head.MSDEC.sep_bottleneck.0.depthwise_conv.conv.weight": (
+      "params",
+      "decode_head/MSDEC/sep_bottleneck_0/depthwise_conv/conv/kernel",
+      (560, 1, 3, 3),
+    ),
+    "decode_head.MSDEC.c1_bottleneck.conv.weight": (
+      "params",
+      "decode_head/MSDEC/c1_bottleneck/conv/kernel",
+      (48, 256, 1, 1),
+    ),
+    "decode_head.MSDEC.conv_seg.weight": (
+      "params",
+      "decode_head/MSDEC/conv_seg/kernel",
+      (2, 512, 1, 1),
+    ),
+    "decode_head.conv_seg.bias": ("params", "decode_head/conv_seg/bias", (2,)),
+    "decode_head.convert.weight": ("params", "decode_head/convert/kernel", (256, 512, 1, 1)),
+    "decode_head.CE.cSE.1.weight": ("params", "decode_head/CE/cSE_1/kernel", (320, 2560, 1, 1)),
+    "decode_head.CE.c11.conv.weight": (
+      "params",
+      "decode_head/CE/c11/conv/kernel",
+      (2048, 2560, 1, 1),
+    ),
+    "decode_head.cls_head.0.conv.weight": (
+      "params",
+      "decode_head/cls_head_0/conv/kernel",
+      (512, 3072, 1, 1),
+    ),
+    "decode_head.cls_head.4.bn.running_mean": (
+      "batch_stats",
+      "decode_head/cls_head_4/bn/mean",
+      (256,),
+    ),
+    "decode_head.cls_head.7.weight": ("params", "decode_head/cls_head_7/kernel", (2, 256, 1, 1)),
   }
   for key, (col, path, shape) in expected.items():
     got_col, got_path, got_shape = keys[key]
-    assert (got_col, '/'.join(got_path), got_shape) == (col, path, shape), key
-  assert naming.torch_key_to_flax_path('decode_head.bottleneck.bn.num_batches_tracked') is None
+    assert (got_col, "/".join(got_path), got_shape) == (col, path, shape), key
+  assert naming.torch_key_to_flax_path("decode_head.bottleneck.bn.num_batches_tracked") is None
 
 
 def test_naming_round_trip_every_key(apsc_shapes):
@@ -141,14 +193,13 @@ def test_naming_round_trip_every_key(apsc_shapes):
 
 def test_naming_layouts():
   x = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
-  path = ('conv', 'kernel')
-  assert naming.to_torch_layout(path, x).shape == naming.torch_shape(path, x.shape)
-  np.testing.assert_array_equal(
-      naming.from_torch_layout(path, naming.to_torch_layout(path, x)), x)
+  path = ("conv", "kernel")
+  assert to_torch_layout(path, x).shape == naming.torch_shape(path, x.shape)
+  np.testing.assert_array_equal(naming.from_torch_layout(path, to_torch_layout(path, x)), x)
   d = np.arange(6).reshape(2, 3)
-  np.testing.assert_array_equal(naming.to_torch_layout(('fc', 'kernel'), d), d.T)
+  np.testing.assert_array_equal(to_torch_layout(("fc", "kernel"), d), d.T)
   v = np.arange(3)
-  np.testing.assert_array_equal(naming.to_torch_layout(('bn', 'scale'), v), v)
+  np.testing.assert_array_equal(to_torch_layout(("bn", "scale"), v), v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,14 +219,24 @@ def _np_adaptive_pool(x, out, reduce):
   return y
 
 
-@pytest.mark.parametrize('in_hw,out_hw', [((7, 10), (3, 6)), ((10, 7), (6, 3)), ((2, 5), (6, 6)),
-                                          ((6, 6), (1, 1)), ((12, 12), (3, 2))])
+@pytest.mark.parametrize(
+  "in_hw,out_hw",
+  [((7, 10), (3, 6)), ((10, 7), (6, 3)), ((2, 5), (6, 6)), ((6, 6), (1, 1)), ((12, 12), (3, 2))],
+)
 def test_adaptive_pools_match_loop(in_hw, out_hw):
   x = np.random.default_rng(0).normal(size=(2,) + in_hw + (3,)).astype(np.float32)
-  np.testing.assert_allclose(layers.adaptive_avg_pool(jnp.asarray(x), out_hw),
-                             _np_adaptive_pool(x, out_hw, np.mean), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(layers.adaptive_max_pool(jnp.asarray(x), out_hw),
-                             _np_adaptive_pool(x, out_hw, np.max), rtol=0, atol=0)
+  np.testing.assert_allclose(
+    layers.adaptive_avg_pool(jnp.asarray(x), out_hw),
+    _np_adaptive_pool(x, out_hw, np.mean),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  np.testing.assert_allclose(
+    layers.adaptive_max_pool(jnp.asarray(x), out_hw),
+    _np_adaptive_pool(x, out_hw, np.max),
+    rtol=0,
+    atol=0,
+  )
 
 
 def _np_torch_bilinear(x, out_hw, align_corners, scale_factor=None):
@@ -201,29 +262,41 @@ def _np_torch_bilinear(x, out_hw, align_corners, scale_factor=None):
       w0 = int(wr)
       w1 = w0 + (1 if w0 < w - 1 else 0)
       lw = wr - w0
-      y[:, i, j] = ((1 - lh) * ((1 - lw) * x[:, h0, w0] + lw * x[:, h0, w1]) +
-                    lh * ((1 - lw) * x[:, h1, w0] + lw * x[:, h1, w1]))
+      y[:, i, j] = (1 - lh) * ((1 - lw) * x[:, h0, w0] + lw * x[:, h0, w1]) + lh * (
+        (1 - lw) * x[:, h1, w0] + lw * x[:, h1, w1]
+      )
   return y
 
 
-@pytest.mark.parametrize('align_corners', [False, True])
-@pytest.mark.parametrize('in_hw,out_hw', [((5, 4), (9, 8)), ((4, 4), (16, 16)), ((9, 8), (4, 3)),
-                                          ((16, 12), (8, 6)), ((1, 1), (4, 5)), ((7, 7), (7, 7))])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize(
+  "in_hw,out_hw",
+  [
+    ((5, 4), (9, 8)),
+    ((4, 4), (16, 16)),
+    ((9, 8), (4, 3)),
+    ((16, 12), (8, 6)),
+    ((1, 1), (4, 5)),
+    ((7, 7), (7, 7)),
+  ],
+)
 def test_resize_bilinear_matches_torch_formula(align_corners, in_hw, out_hw):
   x = np.random.default_rng(1).normal(size=(2,) + in_hw + (3,)).astype(np.float32)
   got = layers.resize_bilinear(jnp.asarray(x), out_hw, align_corners=align_corners)
-  np.testing.assert_allclose(got, _np_torch_bilinear(x, out_hw, align_corners),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    got, _np_torch_bilinear(x, out_hw, align_corners), rtol=1e-5, atol=1e-5
+  )
 
 
-@pytest.mark.parametrize('align_corners', [False, True])
+@pytest.mark.parametrize("align_corners", [False, True])
 def test_resize_bilinear_scale_factor(align_corners):
   # Odd sizes: scale_factor=0.5 maps coordinates with 2.0, not in/out; size is floor(in / 2).
   x = np.random.default_rng(2).normal(size=(1, 7, 9, 2)).astype(np.float32)
   got = layers.resize_bilinear(jnp.asarray(x), scale_factor=0.5, align_corners=align_corners)
   assert got.shape == (1, 3, 4, 2)
-  np.testing.assert_allclose(got, _np_torch_bilinear(x, (3, 4), align_corners, 0.5),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    got, _np_torch_bilinear(x, (3, 4), align_corners, 0.5), rtol=1e-5, atol=1e-5
+  )
   if not align_corners:
     # ... which differs from a size= call with the same output size.
     by_size = _np_torch_bilinear(x, (3, 4), False)
@@ -238,9 +311,13 @@ def test_dynamic_conv_matches_per_sample_conv():
   got = apsc_net.dynamic_conv(x, kern)
   for i in range(b):
     ref = jax.lax.conv_general_dilated(
-        x[i:i + 1], kern[i][:, :, None, None], (1, 1), ((3, 3), (3, 3)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    np.testing.assert_allclose(got[i:i + 1], ref, rtol=1e-5, atol=1e-5)
+      x[i : i + 1],
+      kern[i][:, :, None, None],
+      (1, 1),
+      ((3, 3), (3, 3)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    np.testing.assert_allclose(got[i : i + 1], ref, rtol=1e-5, atol=1e-5)
   # Cross-correlation (torch F.conv2d), not convolution: a one-hot kernel at (0, 0) reads the
   # pixel 3 rows up and 3 columns left.
   one_hot = jnp.zeros((b, k, k)).at[:, 0, 0].set(1.0)
@@ -271,15 +348,14 @@ def test_batchnorm_matches_torch_semantics():
   x = np.random.default_rng(6).normal(2.0, 3.0, size=(4, 5, 6, 3)).astype(np.float32)
   bn = layers.BatchNorm()
   v = bn.init(jax.random.PRNGKey(0), jnp.asarray(x), train=False)
-  y, upd = bn.apply(v, jnp.asarray(x), train=True, mutable=['batch_stats'])
+  y, upd = bn.apply(v, jnp.asarray(x), train=True, mutable=["batch_stats"])
   mean = x.mean(axis=(0, 1, 2))
   var = x.var(axis=(0, 1, 2))
   np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
   n = 4 * 5 * 6
   # torch: running = 0.9 running + 0.1 batch, with the unbiased variance for running_var.
-  np.testing.assert_allclose(upd['batch_stats']['mean'], 0.1 * mean, rtol=1e-5)
-  np.testing.assert_allclose(upd['batch_stats']['var'], 0.9 + 0.1 * var * n / (n - 1),
-                             rtol=1e-5)
+  np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * mean, rtol=1e-5)
+  np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
   y_eval = bn.apply({**v, **upd}, jnp.asarray(x), train=False)
   rm, rv = 0.1 * mean, 0.9 + 0.1 * var * n / (n - 1)
   np.testing.assert_allclose(y_eval, (x - rm) / np.sqrt(rv + 1e-5), rtol=1e-4, atol=1e-4)
@@ -287,12 +363,13 @@ def test_batchnorm_matches_torch_semantics():
 
 def test_layernorm_is_torch_exact():
   x = np.random.default_rng(7).normal(5.0, 2.0, size=(2, 3, 8)).astype(np.float32)
-  ln = layers.layer_norm('norm')
+  ln = layers.layer_norm("norm")
   v = ln.init(jax.random.PRNGKey(0), jnp.asarray(x))
   u = x.mean(-1, keepdims=True)
   s = ((x - u) ** 2).mean(-1, keepdims=True)
-  np.testing.assert_allclose(ln.apply(v, jnp.asarray(x)), (x - u) / np.sqrt(s + 1e-6),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    ln.apply(v, jnp.asarray(x)), (x - u) / np.sqrt(s + 1e-6), rtol=1e-5, atol=1e-5
+  )
   assert ln.epsilon == 1e-6
 
 
@@ -304,30 +381,32 @@ def test_convnext_block_matches_numpy():
   block = convnext.Block(c, layer_scale_init_value=0.5)
   shapes = jax.eval_shape(lambda: block.init(jax.random.PRNGKey(0), jnp.asarray(x), train=False))
   v = jax.tree_util.tree_map(
-      lambda a: jnp.asarray(rng.normal(size=a.shape).astype(np.float32) * 0.5), shapes)
-  p = jax.tree_util.tree_map(np.asarray, v['params'])
-  k = p['dwconv']['kernel'][:, :, 0, :]  # (7, 7, C)
+    lambda a: jnp.asarray(rng.normal(size=a.shape).astype(np.float32) * 0.5), shapes
+  )
+  p = jax.tree_util.tree_map(np.asarray, v["params"])
+  k = p["dwconv"]["kernel"][:, :, 0, :]  # (7, 7, C)
   xp = np.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))
   y = np.zeros_like(x, dtype=np.float64)
   for i in range(6):
     for j in range(5):
-      y[0, i, j] = (xp[0, i:i + 7, j:j + 7] * k).sum(axis=(0, 1))
-  y += p['dwconv']['bias']
+      y[0, i, j] = (xp[0, i : i + 7, j : j + 7] * k).sum(axis=(0, 1))
+  y += p["dwconv"]["bias"]
   u = y.mean(-1, keepdims=True)
   y = (y - u) / np.sqrt(((y - u) ** 2).mean(-1, keepdims=True) + 1e-6)
-  y = y * p['norm']['scale'] + p['norm']['bias']
-  y = y @ p['pwconv1']['kernel'] + p['pwconv1']['bias']
+  y = y * p["norm"]["scale"] + p["norm"]["bias"]
+  y = y @ p["pwconv1"]["kernel"] + p["pwconv1"]["bias"]
   y = 0.5 * y * (1 + np.vectorize(math.erf)(y / math.sqrt(2)))
-  y = y @ p['pwconv2']['kernel'] + p['pwconv2']['bias']
-  ref = x + p['gamma'] * y
+  y = y @ p["pwconv2"]["kernel"] + p["pwconv2"]["bias"]
+  ref = x + p["gamma"] * y
   got = block.apply(v, jnp.asarray(x), train=False)
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_drop_path_is_per_sample():
   x = jnp.ones((64, 2, 2, 3))
-  y = layers.DropPath(0.5).apply({}, x, deterministic=False,
-                                 rngs={'dropout': jax.random.PRNGKey(0)})
+  y = layers.DropPath(0.5).apply(
+    {}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}
+  )
   per_sample = np.asarray(y).reshape(64, -1)
   assert set(np.unique(per_sample)) <= {0.0, 2.0}
   assert np.all(per_sample.min(axis=1) == per_sample.max(axis=1))
@@ -340,11 +419,11 @@ def test_drop_path_is_per_sample():
 
 # XLA's CPU compile time dominates these tests (the 3-pass head unrolls to ~10k HLO ops); the
 # unoptimised backend compiles the tiny model's train step ~4x faster and runs it fast enough.
-_FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_cpu_use_fusion_emitters': False}
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 def _compiler_options():
-  if jax.default_backend() != 'cpu':
+  if jax.default_backend() != "cpu":
     return None
   try:
     jax.jit(lambda a: a + 1, compiler_options=_FAST_COMPILE)(1.0)
@@ -359,40 +438,56 @@ def _jit(fn, **kw):
 
 # The ASPP, PPM and kernel generator are thinner than the official ones (fewer branches) only to
 # keep the compiled graph small; the code paths are the same.
-TINY_HEAD = dict(channels=16, feat0_channels=8, c1_channels=8, aspp_dilations=(1, 2),
-                 pool_scales=(1, 3), kernel_size=7, kernel_gen_size=16, kernel_gen_dims=(4, 8),
-                 image_head_dims=(16, 8, 8))
+TINY_HEAD = dict(
+  channels=16,
+  feat0_channels=8,
+  c1_channels=8,
+  aspp_dilations=(1, 2),
+  pool_scales=(1, 3),
+  kernel_size=7,
+  kernel_gen_size=16,
+  kernel_gen_dims=(4, 8),
+  image_head_dims=(16, 8, 8),
+)
 
 
 def _tiny_config(**head):
   cfg = ml_collections.ConfigDict()
-  cfg.name = 'web_iml'
-  cfg.backbone = dict(name='convnext', preset=None, dims=(8, 16, 32, 64), depths=(1, 1, 1, 1),
-                      in_chans=3, drop_path_rate=0.1, layer_scale_init_value=1.0)
+  cfg.name = "web_iml"
+  cfg.backbone = dict(
+    name="convnext",
+    preset=None,
+    dims=(8, 16, 32, 64),
+    depths=(1, 1, 1, 1),
+    in_chans=3,
+    drop_path_rate=0.1,
+    layer_scale_init_value=1.0,
+  )
   cfg.head = {**TINY_HEAD, **head}
-  cfg.dtype = 'float32'
+  cfg.dtype = "float32"
   return cfg
 
 
 def _key(seed):
   # Cheaper to compile than threefry keys; the tests only need some randomness.
-  return jax.random.key(seed, impl='unsafe_rbg')
+  return jax.random.key(seed, impl="unsafe_rbg")
 
 
 def _eval_fn(model):
   return _jit(lambda v, x: model.apply(v, x, train=False))
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def tiny():
   model = models.build_model(_tiny_config())
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
-  variables = _jit(model.init, static_argnames='train')(
-      {'params': _key(0), 'dropout': _key(1)}, x, train=False)
+  variables = _jit(model.init, static_argnames="train")(
+    {"params": _key(0), "dropout": _key(1)}, x, train=False
+  )
   return model, variables, x
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def tiny_eval(tiny):
   model, variables, x = tiny
   return _eval_fn(model)(variables, x)
@@ -400,86 +495,98 @@ def tiny_eval(tiny):
 
 def test_tiny_web_iml_train_step_and_gradients(tiny):
   model, variables, x = tiny
-  assert set(variables) == {'params', 'batch_stats'}
-  assert set(variables['params']) == {'backbone', 'decode_head'}
+  assert set(variables) == {"params", "batch_stats"}
+  assert set(variables["params"]) == {"backbone", "decode_head"}
 
   def losses(params):
-    out, upd = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
-                           train=True, mutable=['batch_stats'], rngs={'dropout': _key(2)})
-    seg = jnp.mean(out['logits'] ** 2) + sum(jnp.mean(a ** 2) for a in out['aux'])
-    return jnp.stack([seg, jnp.mean(out['image_logits'] ** 2)]), (out, upd)
+    out, upd = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      x,
+      train=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": _key(2)},
+    )
+    seg = jnp.mean(out["logits"] ** 2) + sum(jnp.mean(a**2) for a in out["aux"])
+    return jnp.stack([seg, jnp.mean(out["image_logits"] ** 2)]), (out, upd)
 
   # One compiled train step: the forward outputs, the BN updates, and the gradients of the
   # segmentation and image losses separately (jacrev over the 2 losses).
-  grads, (out, upd) = _jit(jax.jacrev(losses, has_aux=True))(variables['params'])
+  grads, (out, upd) = _jit(jax.jacrev(losses, has_aux=True))(variables["params"])
 
-  assert out['logits'].shape == (2, 16, 16, 2)
-  assert out['logits'].dtype == jnp.float32
-  assert len(out['aux']) == 3 and all(a.shape == (2, 16, 16, 2) for a in out['aux'])
-  assert out['image_logits'].shape == (2, 2)
-  before = variables['batch_stats']['decode_head']['MSDEC']['bottleneck']['bn']['mean']
-  after = upd['batch_stats']['decode_head']['MSDEC']['bottleneck']['bn']['mean']
+  assert out["logits"].shape == (2, 16, 16, 2)
+  assert out["logits"].dtype == jnp.float32
+  assert len(out["aux"]) == 3 and all(a.shape == (2, 16, 16, 2) for a in out["aux"])
+  assert out["image_logits"].shape == (2, 2)
+  before = variables["batch_stats"]["decode_head"]["MSDEC"]["bottleneck"]["bn"]["mean"]
+  after = upd["batch_stats"]["decode_head"]["MSDEC"]["bottleneck"]["bn"]["mean"]
   assert not np.allclose(before, after)
 
   for g in jax.tree_util.tree_leaves(grads):
     assert np.isfinite(np.asarray(g)).all()
   seg_g = jax.tree_util.tree_map(lambda g: g[0], grads)
   img_g = jax.tree_util.tree_map(lambda g: g[1], grads)
-  assert all(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(seg_g['backbone']))
-  for name in ('ha', 'CE', 'MSDEC', 'SE1_0', 'convert', 'conv_seg'):
-    assert max(np.abs(g).max() for g in jax.tree_util.tree_leaves(seg_g['decode_head'][name]))
+  assert all(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(seg_g["backbone"]))
+  for name in ("ha", "CE", "MSDEC", "SE1_0", "convert", "conv_seg"):
+    assert max(np.abs(g).max() for g in jax.tree_util.tree_leaves(seg_g["decode_head"][name]))
   # The image head sees a stop-gradient stack: it trains only itself.
-  assert all(np.abs(g).max() == 0 for g in jax.tree_util.tree_leaves(img_g['backbone']))
-  assert np.abs(img_g['decode_head']['cls_head_7']['kernel']).max() > 0
+  assert all(np.abs(g).max() == 0 for g in jax.tree_util.tree_leaves(img_g["backbone"]))
+  assert np.abs(img_g["decode_head"]["cls_head_7"]["kernel"]).max() > 0
 
 
 def test_tiny_web_iml_eval(tiny, tiny_eval):
   ev = tiny_eval
-  assert ev['logits'].shape == (2, 16, 16, 2) and ev['logits'].dtype == jnp.float32
-  assert len(ev['aux']) == 3
-  assert ev['image_logits'].shape == (2, 2)
-  assert all(np.isfinite(np.asarray(ev[k])).all() for k in ('logits', 'image_logits'))
+  assert ev["logits"].shape == (2, 16, 16, 2) and ev["logits"].dtype == jnp.float32
+  assert len(ev["aux"]) == 3
+  assert ev["image_logits"].shape == (2, 2)
+  assert all(np.isfinite(np.asarray(ev[k])).all() for k in ("logits", "image_logits"))
 
 
-@pytest.mark.parametrize('head,n_aux', [(dict(rectify_passes=0), 1), (dict(rectify_passes=1), 1),
-                                        (dict(fusion='sum', image_head=False), 3)])
+@pytest.mark.parametrize(
+  "head,n_aux",
+  [
+    (dict(rectify_passes=0), 1),
+    (dict(rectify_passes=1), 1),
+    (dict(fusion="sum", image_head=False), 3),
+  ],
+)
 def test_tiny_web_iml_variants(tiny, head, n_aux):
   _, variables, x = tiny
   model = models.build_model(_tiny_config(**head))
   # Each variant's parameters are a subset of the full tiny model's (flax ignores the rest).
-  shapes = jax.eval_shape(lambda: model.init({'params': _key(0), 'dropout': _key(1)}, x,
-                                             train=False))
-  flat_full = flax.traverse_util.flatten_dict(variables['params'])
-  flat_var = flax.traverse_util.flatten_dict(shapes['params'])
+  shapes = jax.eval_shape(
+    lambda: model.init({"params": _key(0), "dropout": _key(1)}, x, train=False)
+  )
+  flat_full = flax.traverse_util.flatten_dict(variables["params"])
+  flat_var = flax.traverse_util.flatten_dict(shapes["params"])
   assert set(flat_var) <= set(flat_full)
-  dh = shapes['params']['decode_head']
-  if head.get('rectify_passes') == 0:
-    assert 'ha' not in dh and 'CE' not in dh
-  if head.get('rectify_passes') == 1:
-    assert 'ha' in dh and 'CE' not in dh
-  if head.get('fusion') == 'sum':
-    assert not any(k.startswith('SE') for k in dh)
-  if head.get('image_head') is False:
-    assert not any(k.startswith('cls_head') for k in dh)
+  dh = shapes["params"]["decode_head"]
+  if head.get("rectify_passes") == 0:
+    assert "ha" not in dh and "CE" not in dh
+  if head.get("rectify_passes") == 1:
+    assert "ha" in dh and "CE" not in dh
+  if head.get("fusion") == "sum":
+    assert not any(k.startswith("SE") for k in dh)
+  if head.get("image_head") is False:
+    assert not any(k.startswith("cls_head") for k in dh)
   out = _eval_fn(model)(variables, x)
-  assert out['logits'].shape == (2, 16, 16, 2)
-  assert np.isfinite(np.asarray(out['logits'])).all()
-  assert len(out['aux']) == n_aux
-  assert (out['image_logits'] is None) == (head.get('image_head') is False)
+  assert out["logits"].shape == (2, 16, 16, 2)
+  assert np.isfinite(np.asarray(out["logits"])).all()
+  assert len(out["aux"]) == n_aux
+  assert (out["image_logits"] is None) == (head.get("image_head") is False)
 
 
 def test_tiny_web_iml_bfloat16(tiny, tiny_eval):
   _, variables, x = tiny
   cfg = _tiny_config()
-  cfg.dtype = 'bfloat16'
+  cfg.dtype = "bfloat16"
   model = models.build_model(cfg)
   out = _eval_fn(model)(variables, x)
-  assert out['logits'].dtype == jnp.float32
-  assert out['image_logits'].dtype == jnp.float32
-  assert np.isfinite(np.asarray(out['logits'])).all()
-  ref = np.asarray(tiny_eval['logits'])
+  assert out["logits"].dtype == jnp.float32
+  assert out["image_logits"].dtype == jnp.float32
+  assert np.isfinite(np.asarray(out["logits"])).all()
+  ref = np.asarray(tiny_eval["logits"])
   # bf16 keeps ~3 significant digits; the tiny net's logits stay close to float32's.
-  assert np.abs(np.asarray(out['logits']) - ref).max() < 0.1 * (np.abs(ref).max() + 1)
+  assert np.abs(np.asarray(out["logits"]) - ref).max() < 0.1 * (np.abs(ref).max() + 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,43 +594,48 @@ def test_tiny_web_iml_bfloat16(tiny, tiny_eval):
 
 
 def test_backbone_config_and_in_chans():
-  bb = web_iml.BackboneConfig.from_dict({'preset': 'tiny', 'in_chans': 6})
-  assert (bb.dims, bb.depths) == convnext.CONVNEXT_PRESETS['tiny']
+  bb = web_iml.BackboneConfig.from_dict({"preset": "tiny", "in_chans": 6})
+  assert (bb.dims, bb.depths) == convnext.CONVNEXT_PRESETS["tiny"]
   model = convnext.ConvNeXt(dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), in_chans=9)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 9)),
-                                             train=False))
-  assert shapes['params']['downsample_layers_0_0']['kernel'].shape == (4, 4, 9, 8)
-  feats = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), shapes,
-                         jax.ShapeDtypeStruct((1, 64, 64, 9), jnp.float32))
-  assert [f.shape for f in feats] == [(1, 16, 16, 8), (1, 8, 8, 16), (1, 4, 4, 32),
-                                      (1, 2, 2, 64)]
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 9)), train=False)
+  )
+  assert shapes["params"]["downsample_layers_0_0"]["kernel"].shape == (4, 4, 9, 8)
+  feats = jax.eval_shape(
+    lambda v, x: model.apply(v, x, train=False),
+    shapes,
+    jax.ShapeDtypeStruct((1, 64, 64, 9), jnp.float32),
+  )
+  assert [f.shape for f in feats] == [(1, 16, 16, 8), (1, 8, 8, 16), (1, 4, 4, 32), (1, 2, 2, 64)]
 
 
 def test_config_errors():
-  with pytest.raises(UserInputError, match='unknown key'):
-    models.build_model({'name': 'web_iml', 'head': {'chanels': 3}})
-  with pytest.raises(UserInputError, match='contradicts preset'):
-    web_iml.BackboneConfig.from_dict({'preset': 'base', 'dims': (1, 2, 3, 4)})
-  with pytest.raises(UserInputError, match='model.name'):
-    models.build_model({'name': 'segformer'})
-  with pytest.raises(UserInputError, match='fusion'):
-    apsc_net.APSCHeadConfig(fusion='concat')
-  with pytest.raises(UserInputError, match='fixed'):
-    models.build_model({'name': 'apsc_net', 'backbone': {'preset': 'tiny'}})
-  m = models.build_model({'name': 'apsc_net', 'head': {'image_head': False}, 'dtype': 'bfloat16'})
+  with pytest.raises(UserInputError, match="unknown key"):
+    models.build_model({"name": "web_iml", "head": {"chanels": 3}})
+  with pytest.raises(UserInputError, match="contradicts preset"):
+    web_iml.BackboneConfig.from_dict({"preset": "base", "dims": (1, 2, 3, 4)})
+  with pytest.raises(UserInputError, match="model.name"):
+    models.build_model({"name": "segformer"})
+  with pytest.raises(UserInputError, match="fusion"):
+    apsc_net.APSCHeadConfig(fusion="concat")
+  with pytest.raises(UserInputError, match="fixed"):
+    models.build_model({"name": "apsc_net", "backbone": {"preset": "tiny"}})
+  m = models.build_model({"name": "apsc_net", "head": {"image_head": False}, "dtype": "bfloat16"})
   assert isinstance(m, models.APSCNet) and not m.head.image_head and m.dtype == jnp.bfloat16
 
 
 def test_srm_residuals_match_scipy():
   from scipy import signal
+
   from miml_jax.models import noise
+
   x = np.random.default_rng(0).normal(size=(2, 12, 10, 3)).astype(np.float32)
   got = np.asarray(noise.srm_residuals(jnp.asarray(x)))
-  padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), mode='reflect')
+  padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
   for b in range(2):
     for k in range(3):
       for c in range(3):
-        want = signal.correlate2d(padded[b, :, :, c], noise.SRM_KERNELS[k], mode='valid')
+        want = signal.correlate2d(padded[b, :, :, c], noise.SRM_KERNELS[k], mode="valid")
         np.testing.assert_allclose(got[b, :, :, 3 * k + c], want, atol=1e-5)
   # Every SRM kernel is a high-pass filter: a flat image has no residual.
   assert np.abs(np.asarray(noise.srm_residuals(jnp.ones((1, 8, 8, 3))))).max() < 1e-6
@@ -531,24 +643,29 @@ def test_srm_residuals_match_scipy():
 
 def test_web_iml_noise_view_widens_only_the_stem():
   cfg = _tiny_config()
-  cfg.noise_view = 'srm'
+  cfg.noise_view = "srm"
   model = models.build_model(cfg)
   x = jnp.zeros((1, 64, 64, 3))
-  shapes = jax.eval_shape(lambda: model.init({'params': _key(0), 'dropout': _key(1)}, x,
-                                             train=False))
+  shapes = jax.eval_shape(
+    lambda: model.init({"params": _key(0), "dropout": _key(1)}, x, train=False)
+  )
   # 3 image channels + 9 residual channels into the 4x4 stem conv; nothing else changes.
-  assert shapes['params']['backbone']['downsample_layers_0_0']['kernel'].shape == (4, 4, 12, 8)
-  plain = jax.eval_shape(lambda: models.build_model(_tiny_config()).init(
-      {'params': _key(0), 'dropout': _key(1)}, x, train=False))
+  assert shapes["params"]["backbone"]["downsample_layers_0_0"]["kernel"].shape == (4, 4, 12, 8)
+  plain = jax.eval_shape(
+    lambda: models.build_model(_tiny_config()).init(
+      {"params": _key(0), "dropout": _key(1)}, x, train=False
+    )
+  )
   assert (models.count_params(shapes) - models.count_params(plain)) == 4 * 4 * 9 * 8
-  with pytest.raises(UserInputError, match='noise_view'):
+  with pytest.raises(UserInputError, match="noise_view"):
     bad = _tiny_config()
-    bad.noise_view = 'dct'
-    jax.eval_shape(lambda: models.build_model(bad).init({'params': _key(0)}, x, train=False))
+    bad.noise_view = "dct"
+    jax.eval_shape(lambda: models.build_model(bad).init({"params": _key(0)}, x, train=False))
 
 
 def test_srm_energy_is_a_local_noise_level():
   from miml_jax.models import noise
+
   rng = np.random.default_rng(0)
   x = np.full((1, 32, 32, 3), 0.5, np.float32)
   x[:, :, 16:] += rng.normal(0, 0.2, (1, 32, 16, 3)).astype(np.float32)  # noisy right half
@@ -561,18 +678,20 @@ def test_srm_energy_is_a_local_noise_level():
 
 def test_web_iml_trace_stem_feeds_the_backbone_stem():
   cfg = _tiny_config()
-  cfg.noise_view = 'srm'
+  cfg.noise_view = "srm"
   cfg.trace_stem = (6, 5)
   model = models.build_model(cfg)
   x = jnp.zeros((1, 64, 64, 3))
-  params = jax.eval_shape(lambda: model.init({'params': _key(0), 'dropout': _key(1)}, x,
-                                             train=False))['params']
+  params = jax.eval_shape(
+    lambda: model.init({"params": _key(0), "dropout": _key(1)}, x, train=False)
+  )["params"]
   # RGB + 9 SRM residuals -> 6 -> 5 full-resolution channels -> the 4x4 patchify stem.
-  assert params['trace_stem_0']['kernel'].shape == (3, 3, 12, 6)
-  assert params['trace_stem_1']['kernel'].shape == (3, 3, 6, 5)
-  assert params['backbone']['downsample_layers_0_0']['kernel'].shape == (4, 4, 5, 8)
+  assert params["trace_stem_0"]["kernel"].shape == (3, 3, 12, 6)
+  assert params["trace_stem_1"]["kernel"].shape == (3, 3, 6, 5)
+  assert params["backbone"]["downsample_layers_0_0"]["kernel"].shape == (4, 4, 5, 8)
   out = jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      model.init({'params': _key(0), 'dropout': _key(1)}, x, train=False), x + 0.1)
-  assert out['logits'].shape == (1, 16, 16, 2)
+    model.init({"params": _key(0), "dropout": _key(1)}, x, train=False), x + 0.1
+  )
+  assert out["logits"].shape == (1, 16, 16, 2)
   with pytest.raises(UserInputError, match="unknown key.*trace_stems"):
-    models.build_model({**_tiny_config().to_dict(), 'trace_stems': (4,)})
+    models.build_model({**_tiny_config().to_dict(), "trace_stems": (4,)})

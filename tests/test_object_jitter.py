@@ -26,7 +26,7 @@ def box_masks(height, width, boxes):
   """(N, H, W) uint8 masks, one filled (x, y, w, h) rectangle each."""
   masks = np.zeros((len(boxes), height, width), np.uint8)
   for k, (x, y, w, h) in enumerate(boxes):
-    masks[k, y:y + h, x:x + w] = 1
+    masks[k, y : y + h, x : x + w] = 1
   return masks
 
 
@@ -45,8 +45,17 @@ def region_count(mask):
 
 # (x, y, w, h) boxes: interior, sides where h/16 is .5 (Python rounds half to even), and boxes
 # touching each border, so the enlarged extent is clipped.
-@pytest.mark.parametrize("box", [(50, 40, 64, 48), (30, 20, 40, 24), (0, 0, 80, 64),
-                                 (150, 100, 50, 60), (0, 70, 33, 90), (210, 0, 90, 17)])
+@pytest.mark.parametrize(
+  "box",
+  [
+    (50, 40, 64, 48),
+    (30, 20, 40, 24),
+    (0, 0, 80, 64),
+    (150, 100, 50, 60),
+    (0, 70, 33, 90),
+    (210, 0, 90, 17),
+  ],
+)
 def test_rectangle_pasted_on_enlarged_centred_box(box):
   height, width = 160, 300
   image = noise_image(height, width)
@@ -60,8 +69,8 @@ def test_rectangle_pasted_on_enlarged_centred_box(box):
   outside = expected_mask == 0
   assert out[outside].tobytes() == image[outside].tobytes()
   x, y, w, h = box
-  patch = cv2.resize(image[y:y + h, x:x + w], (bw, bh), interpolation=cv2.INTER_LINEAR)
-  np.testing.assert_array_equal(out[y0:y1, x0:x1], patch[y0 - by:y1 - by, x0 - bx:x1 - bx])
+  patch = cv2.resize(image[y : y + h, x : x + w], (bw, bh), interpolation=cv2.INTER_LINEAR)
+  np.testing.assert_array_equal(out[y0:y1, x0:x1], patch[y0 - by : y1 - by, x0 - bx : x1 - bx])
   assert out.dtype == np.uint8 and mask.dtype == np.uint8
   assert image.tobytes() == noise_image(height, width).tobytes()  # The input is not modified.
 
@@ -82,20 +91,22 @@ def test_mask_is_alpha_above_half_and_composite(blur_prob):
   out, mask = object_jitter(image, masks, np.random.default_rng(3), cfg)
   x, y, w, h = cv2.boundingRect(masks[0])
   (x0, y0, x1, y1), (bx, by, bw, bh) = expected_extent((x, y, w, h), height, width)
-  alpha = cv2.resize(masks[0, y:y + h, x:x + w].astype(np.float32), (bw, bh),
-                     interpolation=cv2.INTER_LINEAR)
+  alpha = cv2.resize(
+    masks[0, y : y + h, x : x + w].astype(np.float32), (bw, bh), interpolation=cv2.INTER_LINEAR
+  )
   if blur_prob:
     kernel = blur_kernel_size(min(w, h))
     assert kernel == 7
     alpha = cv2.GaussianBlur(alpha, (kernel, kernel), 0)
   full_alpha = np.zeros((height, width), np.float32)
-  full_alpha[y0:y1, x0:x1] = alpha[y0 - by:y1 - by, x0 - bx:x1 - bx]
+  full_alpha[y0:y1, x0:x1] = alpha[y0 - by : y1 - by, x0 - bx : x1 - bx]
   np.testing.assert_array_equal(mask, np.where(full_alpha > 0.5, 255, 0).astype(np.uint8))
   untouched = full_alpha == 0
   assert out[untouched].tobytes() == image[untouched].tobytes()
   patch = np.zeros_like(image, dtype=np.float32)
-  patch[y0:y1, x0:x1] = cv2.resize(image[y:y + h, x:x + w], (bw, bh),
-                                   interpolation=cv2.INTER_LINEAR)[y0 - by:y1 - by, x0 - bx:x1 - bx]
+  patch[y0:y1, x0:x1] = cv2.resize(
+    image[y : y + h, x : x + w], (bw, bh), interpolation=cv2.INTER_LINEAR
+  )[y0 - by : y1 - by, x0 - bx : x1 - bx]
   composite = patch * full_alpha[..., None] + image * (1 - full_alpha[..., None])
   assert np.abs(out.astype(np.float32) - composite).max() <= 1.0
   if blur_prob:
@@ -104,17 +115,32 @@ def test_mask_is_alpha_above_half_and_composite(blur_prob):
 
 
 def test_blur_kernel_table():
-  table = {0: 0, 7: 0, 15: 0, 16: 3, 31: 3, 32: 5, 63: 5, 64: 7, 127: 7, 128: 9, 255: 9, 256: 11,
-           4000: 11}
+  table = {
+    0: 0,
+    7: 0,
+    15: 0,
+    16: 3,
+    31: 3,
+    32: 5,
+    63: 5,
+    64: 7,
+    127: 7,
+    128: 9,
+    255: 9,
+    256: 11,
+    4000: 11,
+  }
   assert {side: blur_kernel_size(side) for side in table} == table
 
 
 def test_small_objects_are_never_chosen():
   height, width = 128, 160
   image = noise_image(height, width)
-  small = [(5, 5, 7, 100),  # 7 px wide.
-           (20, 5, 100, 7),  # 7 px high.
-           (30, 30, 20, 12)]  # 240 px < 256.
+  small = [
+    (5, 5, 7, 100),  # 7 px wide.
+    (20, 5, 100, 7),  # 7 px high.
+    (30, 30, 20, 12),
+  ]  # 240 px < 256.
   good = (100, 60, 16, 16)  # Exactly 8+ px sides and 256 px.
   masks = box_masks(height, width, small + [good])
   (x0, y0, x1, y1), _ = expected_extent(good, height, width)
@@ -122,10 +148,10 @@ def test_small_objects_are_never_chosen():
     _, mask = object_jitter(image, masks, np.random.default_rng(seed), NO_BLUR)
     assert np.count_nonzero(mask[y0:y1, x0:x1]) == np.count_nonzero(mask) > 0
   masks_small = box_masks(height, width, small)
-  assert all(object_jitter(image, masks_small, np.random.default_rng(s)) is None
-             for s in range(20))
-  assert object_jitter(image, np.zeros((0, height, width), np.uint8),
-                       np.random.default_rng(0)) is None
+  assert all(object_jitter(image, masks_small, np.random.default_rng(s)) is None for s in range(20))
+  assert (
+    object_jitter(image, np.zeros((0, height, width), np.uint8), np.random.default_rng(0)) is None
+  )
   assert object_jitter(image, np.zeros((2, height, width), bool), np.random.default_rng(0)) is None
 
 
@@ -135,8 +161,12 @@ def test_area_is_counted_on_the_mask_by_default():
   ring = np.zeros((1, height, width), np.uint8)
   cv2.rectangle(ring[0], (20, 20), (59, 59), 1, 1)  # A 40x40 box holding 156 pixels.
   assert object_jitter(image, ring, np.random.default_rng(0)) is None
-  assert object_jitter(image, ring.astype(bool), np.random.default_rng(0),
-                       ObjectJitterConfig(area_of="box")) is not None
+  assert (
+    object_jitter(
+      image, ring.astype(bool), np.random.default_rng(0), ObjectJitterConfig(area_of="box")
+    )
+    is not None
+  )
 
 
 def grid_boxes(count, size=24, step=56):
@@ -155,8 +185,10 @@ def test_second_object_needs_more_than_eight_disjoint_others():
     _, mask = object_jitter(image, nine, np.random.default_rng(seed), always)
     assert region_count(mask) == 1
   # The spec's p = 0.5.
-  twos = sum(region_count(object_jitter(image, ten, np.random.default_rng(s), NO_BLUR)[1]) == 2
-             for s in range(60))
+  twos = sum(
+    region_count(object_jitter(image, ten, np.random.default_rng(s), NO_BLUR)[1]) == 2
+    for s in range(60)
+  )
   assert 15 <= twos <= 45
 
 
@@ -168,7 +200,7 @@ def test_objects_meeting_the_first_do_not_count():
   boxes[1] = (x + w + 1, y, w, h)  # Right next to box 0: each meets the other's extent.
   masks = box_masks(height, width, boxes)
   pair = np.zeros((height, width), bool)
-  pair[y:y + h, x:x + 2 * w + 1] = True
+  pair[y : y + h, x : x + 2 * w + 1] = True
   always = ObjectJitterConfig(blur_prob=0.0, second_prob=1.0)
   counts = set()
   for seed in range(40):
@@ -185,8 +217,12 @@ def test_large_tampered_fraction_is_rejected():
   image = noise_image(height, width)
   big = box_masks(height, width, [(7, 7, 86, 86)])  # 74%, and 92% once enlarged.
   assert all(object_jitter(image, big, np.random.default_rng(s)) is None for s in range(5))
-  assert object_jitter(image, big, np.random.default_rng(0),
-                       ObjectJitterConfig(max_tampered_fraction=1.0)) is not None
+  assert (
+    object_jitter(
+      image, big, np.random.default_rng(0), ObjectJitterConfig(max_tampered_fraction=1.0)
+    )
+    is not None
+  )
 
 
 def scene(seed, height=192, width=256, count=12):
@@ -210,8 +246,11 @@ def test_deterministic_given_the_rng():
 
 
 def test_config_from_config():
-  cfg = ObjectJitterConfig.from_config(ml_collections.ConfigDict(
-      {"min_side": 4, "blur_kernels": [0, 3, 3, 5, 5, 7], "second_prob": 0.25}))
+  cfg = ObjectJitterConfig.from_config(
+    ml_collections.ConfigDict(
+      {"min_side": 4, "blur_kernels": [0, 3, 3, 5, 5, 7], "second_prob": 0.25}
+    )
+  )
   assert cfg.min_side == 4 and cfg.blur_kernels == (0, 3, 3, 5, 5, 7) and cfg.second_prob == 0.25
   assert ObjectJitterConfig.from_config({}) == ObjectJitterConfig()
   with pytest.raises(UserInputError, match="min_sid"):
@@ -273,21 +312,44 @@ def coco_folder(tmp_path):
   ellipse = ellipse_masks(height, width, [((20, 30), (12, 8), 20)])[0]
   size = [height, width]
   annotations = [
-      {"id": 1, "image_id": 1, "iscrowd": 0,
-       "segmentation": [[5, 5, 25, 5, 25, 15, 5, 15], [40, 30, 60, 30, 50, 45]]},
-      {"id": 2, "image_id": 1, "iscrowd": 0,
-       "segmentation": {"size": size, "counts": encode_runs(square)}},
-      {"id": 3, "image_id": 1, "iscrowd": 0,
-       "segmentation": {"size": size, "counts": compress(encode_runs(ellipse))}},
-      {"id": 4, "image_id": 1, "iscrowd": 1,
-       "segmentation": {"size": size, "counts": encode_runs(square)}},
-      {"id": 5, "image_id": 3, "iscrowd": 0,
-       "segmentation": {"size": size, "counts": encode_runs(square)}},
+    {
+      "id": 1,
+      "image_id": 1,
+      "iscrowd": 0,
+      "segmentation": [[5, 5, 25, 5, 25, 15, 5, 15], [40, 30, 60, 30, 50, 45]],
+    },
+    {
+      "id": 2,
+      "image_id": 1,
+      "iscrowd": 0,
+      "segmentation": {"size": size, "counts": encode_runs(square)},
+    },
+    {
+      "id": 3,
+      "image_id": 1,
+      "iscrowd": 0,
+      "segmentation": {"size": size, "counts": compress(encode_runs(ellipse))},
+    },
+    {
+      "id": 4,
+      "image_id": 1,
+      "iscrowd": 1,
+      "segmentation": {"size": size, "counts": encode_runs(square)},
+    },
+    {
+      "id": 5,
+      "image_id": 3,
+      "iscrowd": 0,
+      "segmentation": {"size": size, "counts": encode_runs(square)},
+    },
   ]
-  images = [{"id": k, "file_name": name, "height": height, "width": width}
-            for k, name in ((1, "a.png"), (2, "b.png"), (3, "c.png"))]
+  images = [
+    {"id": k, "file_name": name, "height": height, "width": width}
+    for k, name in ((1, "a.png"), (2, "b.png"), (3, "c.png"))
+  ]
   (tmp_path / "annotations" / "instances.json").write_text(
-      json.dumps({"images": images, "annotations": annotations, "categories": []}))
+    json.dumps({"images": images, "annotations": annotations, "categories": []})
+  )
   return tmp_path, square, ellipse
 
 
@@ -334,10 +396,12 @@ def test_transform_in_grain_and_fallback(coco_folder):
     assert set(np.unique(a["mask"])) <= {0, 255}
   # No qualifying object: the crop comes back authentic, and the fallback is counted.
   image = noise_image(32, 32)
-  fallback = coco.ObjectJitterTransform(32, resize_range=(1.0, 1.0),
-                                        config=ObjectJitterConfig(max_attempts=3))
-  out = fallback.random_map({"image": image, "instances": np.zeros((1, 32, 32), np.uint8)},
-                            np.random.default_rng(0))
+  fallback = coco.ObjectJitterTransform(
+    32, resize_range=(1.0, 1.0), config=ObjectJitterConfig(max_attempts=3)
+  )
+  out = fallback.random_map(
+    {"image": image, "instances": np.zeros((1, 32, 32), np.uint8)}, np.random.default_rng(0)
+  )
   assert out["image"].tobytes() == image.tobytes() and not out["mask"].any()
   assert fallback.fallback_count == 1
 
@@ -360,18 +424,28 @@ def test_real_coco_images(shared_data):
 def test_coco_data_source_feeds_the_training_pipeline(tmp_path):
   """`data.train=coco:PATH`: Object Jitter forgeries, deterministic per (seed, index)."""
   from miml_jax.input import pipeline, sources, transforms
+  from miml_jax.tasks import segmentation
+
   (tmp_path / "images").mkdir()
   (tmp_path / "annotations").mkdir()
   images, annotations = [], []
   for k in range(2):
     io.write_image(str(tmp_path / "images" / f"{k}.png"), noise_image(80, 96, seed=k))
-    images.append({"id": k, "file_name": f"{k}.png", "height": 80, "width": 96,
-                   "split": "train2017"})
+    images.append(
+      {"id": k, "file_name": f"{k}.png", "height": 80, "width": 96, "split": "train2017"}
+    )
     x, y = 20 + 10 * k, 15
-    annotations.append({"id": 10 + k, "image_id": k, "iscrowd": 0,
-                        "segmentation": [[x, y, x + 40, y, x + 40, y + 36, x, y + 36]]})
+    annotations.append(
+      {
+        "id": 10 + k,
+        "image_id": k,
+        "iscrowd": 0,
+        "segmentation": [[x, y, x + 40, y, x + 40, y + 36, x, y + 36]],
+      }
+    )
   (tmp_path / "annotations" / "instances.json").write_text(
-      json.dumps({"images": images, "annotations": annotations}))
+    json.dumps({"images": images, "annotations": annotations})
+  )
   source = sources.make_source(f"coco:{tmp_path}", "train", image_size=64, seed=3)
   assert len(source) == 2
   item = source[1]
@@ -382,10 +456,27 @@ def test_coco_data_source_feeds_the_training_pipeline(tmp_path):
   other = sources.make_source(f"coco:{tmp_path}", "train", image_size=64, seed=4)[1]
   assert other["image"].tobytes() != item["image"].tobytes()
   augment = transforms.AugmentConfig.from_config(
-      {"crop_size": 64, "resize_range": (1.0, 1.0), "hflip": 0.5, "vflip": 0.0, "rot90": 0.0,
-       "jpeg_prob": 0.0, "jpeg_quality": (70, 100), "rgb_shift_prob": 0.0, "rgb_shift": 0,
-       "mask_low": 8, "mask_high": 192})
-  batch = next(iter(pipeline.train_dataset(source, batch_size=2, augment=augment, seed=0)))
+    {
+      "crop_size": 64,
+      "resize_range": (1.0, 1.0),
+      "hflip": 0.5,
+      "vflip": 0.0,
+      "rot90": 0.0,
+      "jpeg_prob": 0.0,
+      "jpeg_quality": (70, 100),
+      "rgb_shift_prob": 0.0,
+      "rgb_shift": 0,
+      "mask_low": 8,
+      "mask_high": 192,
+    }
+  )
+  batch = next(
+    iter(
+      pipeline.train_dataset(
+        source, batch_size=2, transform=segmentation.train_transform(augment), seed=0
+      )
+    )
+  )
   assert batch["image"].shape == (2, 64, 64, 3) and batch["label"].shape == (2, 64, 64)
   assert set(np.unique(batch["label"])) <= {0, 1}
   with pytest.raises(UserInputError, match="coco:/path"):

@@ -10,10 +10,24 @@ from miml_jax import optim
 
 
 def _config(**kw):
-  base = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
-              layer_decay=0.9, layer_decay_num_layers=12, schedule="poly", power=1.0,
-              min_lr=1e-6, warmup_steps=1500, warmup_ratio=1e-6, total_steps=160_000,
-              grad_clip_norm=0.0, accumulate_steps=1)
+  base = dict(
+    name="adamw",
+    lr=1e-4,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.05,
+    layer_decay=0.9,
+    layer_decay_num_layers=12,
+    schedule="poly",
+    power=1.0,
+    min_lr=1e-6,
+    warmup_steps=1500,
+    warmup_ratio=1e-6,
+    total_steps=160_000,
+    grad_clip_norm=0.0,
+    accumulate_steps=1,
+  )
   base.update(kw)
   return ml_collections.ConfigDict(base)
 
@@ -29,7 +43,7 @@ def mmcv_lr(t, base, config):
 
 
 @pytest.mark.parametrize("t", [0, 1, 700, 1499, 1500, 80_000, 159_999])
-@pytest.mark.parametrize("scale", [1.0, 0.9 ** 13])
+@pytest.mark.parametrize("scale", [1.0, 0.9**13])
 def test_poly_warmup_is_mmcv(t, scale):
   config = _config()
   got = float(optim.learning_rate(t, scale, config))
@@ -39,18 +53,23 @@ def test_poly_warmup_is_mmcv(t, scale):
 def test_cosine_endpoints():
   config = _config(schedule="cosine", warmup_steps=0)
   assert float(optim.learning_rate(0, 1.0, config)) == pytest.approx(config.lr)
-  assert float(optim.learning_rate(config.total_steps, 1.0, config)) == pytest.approx(
-      config.min_lr)
+  assert float(optim.learning_rate(config.total_steps, 1.0, config)) == pytest.approx(config.min_lr)
 
 
 def test_stage_wise_scales():
-  params = {"backbone": {"downsample_layers_0_0": {"kernel": 0}, "stages_0_0": {"gamma": 0},
-                         "stages_3_1": {"gamma": 0}, "norm3": {"scale": 0}},
-            "decode_head": {"conv_seg": {"kernel": 0}}}
+  params = {
+    "backbone": {
+      "downsample_layers_0_0": {"kernel": 0},
+      "stages_0_0": {"gamma": 0},
+      "stages_3_1": {"gamma": 0},
+      "norm3": {"scale": 0},
+    },
+    "decode_head": {"conv_seg": {"kernel": 0}},
+  }
   scales = optim.stage_wise_lr_scales(params, 0.9, 12)
-  assert scales["backbone"]["downsample_layers_0_0"]["kernel"] == pytest.approx(0.9 ** 13)
-  assert scales["backbone"]["stages_0_0"]["gamma"] == pytest.approx(0.9 ** 12)
-  assert scales["backbone"]["stages_3_1"]["gamma"] == pytest.approx(0.9 ** 9)
+  assert scales["backbone"]["downsample_layers_0_0"]["kernel"] == pytest.approx(0.9**13)
+  assert scales["backbone"]["stages_0_0"]["gamma"] == pytest.approx(0.9**12)
+  assert scales["backbone"]["stages_3_1"]["gamma"] == pytest.approx(0.9**9)
   assert scales["backbone"]["norm3"]["scale"] == 1.0
   assert scales["decode_head"]["conv_seg"]["kernel"] == 1.0
 
@@ -58,8 +77,10 @@ def test_stage_wise_scales():
 def test_adamw_step_matches_pytorch_semantics():
   """One step of AdamW with per-group lr and no decay on 1-D params, restated in NumPy."""
   config = _config(lr=1e-2, warmup_steps=0, schedule="constant", min_lr=0.0)
-  params = {"backbone": {"stages_1_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))}},
-            "head": {"kernel": jnp.full((3, 2), 2.0)}}
+  params = {
+    "backbone": {"stages_1_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))}},
+    "head": {"kernel": jnp.full((3, 2), 2.0)},
+  }
   grads = jax.tree_util.tree_map(lambda p: 0.5 * jnp.ones_like(p), params)
   opt = optim.make_optimizer(config, params)
   updates, _ = opt.update(grads, opt.init(params), params)
@@ -71,8 +92,10 @@ def test_adamw_step_matches_pytorch_semantics():
     return p - lr * wd * p - lr * m_hat / (np.sqrt(v_hat) + 1e-8)
 
   lr_stage1 = 1e-2 * 0.9 ** (13 - 2)
-  np.testing.assert_allclose(new["backbone"]["stages_1_0"]["kernel"],
-                             torch_adamw(1.0, 0.5, lr_stage1, 0.05), rtol=1e-5)
-  np.testing.assert_allclose(new["backbone"]["stages_1_0"]["bias"],
-                             torch_adamw(1.0, 0.5, lr_stage1, 0.0), rtol=1e-5)
+  np.testing.assert_allclose(
+    new["backbone"]["stages_1_0"]["kernel"], torch_adamw(1.0, 0.5, lr_stage1, 0.05), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    new["backbone"]["stages_1_0"]["bias"], torch_adamw(1.0, 0.5, lr_stage1, 0.0), rtol=1e-5
+  )
   np.testing.assert_allclose(new["head"]["kernel"], torch_adamw(2.0, 0.5, 1e-2, 0.05), rtol=1e-5)

@@ -18,40 +18,42 @@ compiles a kernel per distinct op shape).
 
 import functools
 
-import jax
 import flax.linen as fnn
+import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-import torch.nn as tnn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+torch = pytest.importorskip("torch")
+import torch.nn as tnn
+import torch.nn.functional as F
 
-from miml_jax.models import apsc_net  # noqa: E402
-from miml_jax.models import convert  # noqa: E402
-from miml_jax.models import convnext  # noqa: E402
-from miml_jax.models import deeplab  # noqa: E402
-from miml_jax.models import upernet  # noqa: E402
+from miml_jax.models import (
+  apsc_net,
+  convert,
+  convnext,
+  deeplab,
+  upernet,
+)
 
 TOL = 1e-4
 # Max abs error per compared output, printed at the end of the module (run with -s to see it).
 MAX_ERRORS = {}
 
 
-@pytest.fixture(scope='module', autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _float32_highest_precision():
   """float32 torch on few threads; jax matmuls / convs at 'highest' precision, then restored."""
   old_dtype, old_threads = torch.get_default_dtype(), torch.get_num_threads()
   torch.set_default_dtype(torch.float32)
   torch.set_num_threads(1)
-  with jax.default_matmul_precision('highest'):
+  with jax.default_matmul_precision("highest"):
     yield
   torch.set_default_dtype(old_dtype)
   torch.set_num_threads(old_threads)
   if MAX_ERRORS:
-    print('\nmax abs error per output:')
+    print("\nmax abs error per output:")
     for name, err in MAX_ERRORS.items():
-      print(f'  {name}: {err:.3g}')
+      print(f"  {name}: {err:.3g}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,9 +114,10 @@ def convert_to_flax(flax_module, torch_module, *args):
   """torch_module's state_dict as variables of flax_module (strict), checking the report."""
   state_dict = numpy_state_dict(torch_module)
   variables, report = convert.state_dict_to_variables(
-      state_dict, flax_target(flax_module, *args), strict=True)
+    state_dict, flax_target(flax_module, *args), strict=True
+  )
   n_bn = sum(isinstance(m, tnn.BatchNorm2d) for m in torch_module.modules())
-  assert report.prefix == 'none'
+  assert report.prefix == "none"
   assert report.converted == len(state_dict) - n_bn
   assert report.ignored == n_bn  # the num_batches_tracked buffers
   return variables
@@ -136,12 +139,12 @@ def check(name, ref, got, tol=TOL):
   assert np.std(ref) > 1e-3, (name, np.std(ref))
   err = float(np.max(np.abs(ref - got)))
   MAX_ERRORS[name] = max(err, MAX_ERRORS.get(name, 0.0))
-  assert err < tol, f'{name}: max abs error {err:.3g} >= {tol}'
+  assert err < tol, f"{name}: max abs error {err:.3g} >= {tol}"
 
 
 def mmseg_resize(x, size):
   """mmseg.ops.resize(x, size, mode='bilinear', align_corners=False) (APSC-Net's setting)."""
-  return F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False)
+  return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,8 +156,9 @@ class TConvModule(tnn.Module):
 
   def __init__(self, cin, cout, k, stride=1, padding=0, dilation=1, groups=1):
     super().__init__()
-    self.conv = tnn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation,
-                           groups=groups, bias=False)
+    self.conv = tnn.Conv2d(
+      cin, cout, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=False
+    )
     self.bn = tnn.BatchNorm2d(cout)
     self.activate = tnn.ReLU()
 
@@ -167,8 +171,7 @@ class TDepthwiseSeparableConvModule(tnn.Module):
 
   def __init__(self, cin, cout, k, padding=0, dilation=1):
     super().__init__()
-    self.depthwise_conv = TConvModule(cin, cin, k, padding=padding, dilation=dilation,
-                                      groups=cin)
+    self.depthwise_conv = TConvModule(cin, cin, k, padding=padding, dilation=dilation, groups=cin)
     self.pointwise_conv = TConvModule(cin, cout, 1)
 
   def forward(self, x):
@@ -182,7 +185,7 @@ class TDepthwiseSeparableConvModule(tnn.Module):
 class TLayerNorm(tnn.Module):
   """ConvNeXt's LayerNorm: channels_last -> F.layer_norm; channels_first -> by hand over dim 1."""
 
-  def __init__(self, dim, eps=1e-6, data_format='channels_last'):
+  def __init__(self, dim, eps=1e-6, data_format="channels_last"):
     super().__init__()
     self.weight = tnn.Parameter(torch.ones(dim))
     self.bias = tnn.Parameter(torch.zeros(dim))
@@ -191,7 +194,7 @@ class TLayerNorm(tnn.Module):
     self.dim = dim
 
   def forward(self, x):
-    if self.data_format == 'channels_last':
+    if self.data_format == "channels_last":
       return F.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
     u = x.mean(1, keepdim=True)
     s = (x - u).pow(2).mean(1, keepdim=True)
@@ -220,27 +223,33 @@ class TBlock(tnn.Module):
 
 
 class TConvNeXt(tnn.Module):
-
   def __init__(self, in_chans, dims, depths):
     super().__init__()
     self.downsample_layers = tnn.ModuleList()
-    self.downsample_layers.append(tnn.Sequential(
+    self.downsample_layers.append(
+      tnn.Sequential(
         tnn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4),
-        TLayerNorm(dims[0], eps=1e-6, data_format='channels_first')))
+        TLayerNorm(dims[0], eps=1e-6, data_format="channels_first"),
+      )
+    )
     for i in range(3):
-      self.downsample_layers.append(tnn.Sequential(
-          TLayerNorm(dims[i], eps=1e-6, data_format='channels_first'),
-          tnn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2)))
+      self.downsample_layers.append(
+        tnn.Sequential(
+          TLayerNorm(dims[i], eps=1e-6, data_format="channels_first"),
+          tnn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2),
+        )
+      )
     self.stages = tnn.ModuleList(
-        [tnn.Sequential(*[TBlock(dims[i]) for _ in range(depths[i])]) for i in range(4)])
+      [tnn.Sequential(*[TBlock(dims[i]) for _ in range(depths[i])]) for i in range(4)]
+    )
     for i in range(4):
-      self.add_module(f'norm{i}', TLayerNorm(dims[i], eps=1e-6, data_format='channels_first'))
+      self.add_module(f"norm{i}", TLayerNorm(dims[i], eps=1e-6, data_format="channels_first"))
 
   def forward(self, x):
     outs = []
     for i in range(4):
       x = self.stages[i](self.downsample_layers[i](x))
-      outs.append(getattr(self, f'norm{i}')(x))
+      outs.append(getattr(self, f"norm{i}")(x))
     return tuple(outs)
 
 
@@ -253,8 +262,8 @@ class TPPM(tnn.ModuleList):
 
   def __init__(self, pool_scales, cin, channels):
     super().__init__(
-        [tnn.Sequential(tnn.AdaptiveAvgPool2d(s), TConvModule(cin, channels, 1))
-         for s in pool_scales])
+      [tnn.Sequential(tnn.AdaptiveAvgPool2d(s), TConvModule(cin, channels, 1)) for s in pool_scales]
+    )
 
   def forward(self, x):
     return [mmseg_resize(ppm(x), x.shape[2:]) for ppm in self]
@@ -273,8 +282,12 @@ class TPSP(tnn.Module):
 
 
 def se_mlp(cin, n_out, reduction):
-  return tnn.Sequential(tnn.Conv2d(cin, cin // reduction, 1), tnn.ReLU(inplace=True),
-                        tnn.Conv2d(cin // reduction, n_out, 1), tnn.Sigmoid())
+  return tnn.Sequential(
+    tnn.Conv2d(cin, cin // reduction, 1),
+    tnn.ReLU(inplace=True),
+    tnn.Conv2d(cin // reduction, n_out, 1),
+    tnn.Sigmoid(),
+  )
 
 
 def t_se_fusion(m, laterals):
@@ -285,20 +298,24 @@ def t_se_fusion(m, laterals):
     prev_shape = laterals[i - 1].shape[2:]
     if i == 3:
       wt = m.SE1(torch.cat((avg(laterals[2]), avg(laterals[3])), 1))
-      laterals[2] = (wt[:, 0:1] * laterals[2] +
-                     wt[:, 1:2] * mmseg_resize(laterals[3], prev_shape))
+      laterals[2] = wt[:, 0:1] * laterals[2] + wt[:, 1:2] * mmseg_resize(laterals[3], prev_shape)
     elif i == 2:
       wt = m.SE2(torch.cat((avg(laterals[1]), avg(laterals[2]), avg(laterals[3])), 1))
-      laterals[1] = (wt[:, 0:1] * laterals[1] +
-                     wt[:, 1:2] * mmseg_resize(laterals[2], prev_shape) +
-                     wt[:, 2:3] * mmseg_resize(laterals[3], prev_shape))
+      laterals[1] = (
+        wt[:, 0:1] * laterals[1]
+        + wt[:, 1:2] * mmseg_resize(laterals[2], prev_shape)
+        + wt[:, 2:3] * mmseg_resize(laterals[3], prev_shape)
+      )
     else:
-      wt = m.SE3(torch.cat(
-          (avg(laterals[0]), avg(laterals[1]), avg(laterals[2]), avg(laterals[3])), 1))
-      laterals[0] = (wt[:, 0:1] * laterals[0] +
-                     wt[:, 1:2] * mmseg_resize(laterals[1], prev_shape) +
-                     wt[:, 2:3] * mmseg_resize(laterals[2], prev_shape) +
-                     wt[:, 3:4] * mmseg_resize(laterals[3], prev_shape))
+      wt = m.SE3(
+        torch.cat((avg(laterals[0]), avg(laterals[1]), avg(laterals[2]), avg(laterals[3])), 1)
+      )
+      laterals[0] = (
+        wt[:, 0:1] * laterals[0]
+        + wt[:, 1:2] * mmseg_resize(laterals[1], prev_shape)
+        + wt[:, 2:3] * mmseg_resize(laterals[2], prev_shape)
+        + wt[:, 3:4] * mmseg_resize(laterals[3], prev_shape)
+      )
   return laterals
 
 
@@ -319,19 +336,25 @@ class TSEFusion(tnn.Module):
 class TSepASPPHead(tnn.Module):
   """mmseg ASPPHead + DepthwiseSeparableASPPHead2 (APSC-Net's MSDEC); forward(c1, x)."""
 
-  def __init__(self, cin, channels, dilations, c1_in_channels, c1_channels, num_classes=2,
-               dropout_ratio=0.1):
+  def __init__(
+    self, cin, channels, dilations, c1_in_channels, c1_channels, num_classes=2, dropout_ratio=0.1
+  ):
     super().__init__()
     self.image_pool = tnn.Sequential(tnn.AdaptiveAvgPool2d(1), TConvModule(cin, channels, 1))
-    self.aspp_modules = tnn.ModuleList([
-        TConvModule(cin, channels, 1) if d == 1 else
-        TDepthwiseSeparableConvModule(cin, channels, 3, padding=d, dilation=d)
-        for d in dilations])
+    self.aspp_modules = tnn.ModuleList(
+      [
+        TConvModule(cin, channels, 1)
+        if d == 1
+        else TDepthwiseSeparableConvModule(cin, channels, 3, padding=d, dilation=d)
+        for d in dilations
+      ]
+    )
     self.bottleneck = TConvModule((len(dilations) + 1) * channels, channels, 3, padding=1)
     self.c1_bottleneck = TConvModule(c1_in_channels, c1_channels, 1)
     self.sep_bottleneck = tnn.Sequential(
-        TDepthwiseSeparableConvModule(channels + c1_channels, channels, 3, padding=1),
-        TDepthwiseSeparableConvModule(channels, channels, 3, padding=1))
+      TDepthwiseSeparableConvModule(channels + c1_channels, channels, 3, padding=1),
+      TDepthwiseSeparableConvModule(channels, channels, 3, padding=1),
+    )
     self.conv_seg = tnn.Conv2d(channels, num_classes, 1)
     self.dropout = tnn.Dropout2d(dropout_ratio)
 
@@ -357,7 +380,6 @@ def t_min_max_norm(in_):
 
 
 class THeadAttn(tnn.Module):
-
   def __init__(self, kernel_size=31, gen_size=64, gen_dims=(32, 64, 128, 256, 512)):
     super().__init__()
     self.k = kernel_size
@@ -366,26 +388,35 @@ class THeadAttn(tnn.Module):
       last = i == len(gen_dims) - 1
       convs.append(TConvModule(cin, d, 3 if last else 5, padding=1 if last else 2, stride=2))
       cin = d
-    self.kg = tnn.Sequential(tnn.UpsamplingBilinear2d(size=(gen_size, gen_size)), *convs,
-                             tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Dropout(p=0.1),
-                             tnn.Linear(cin, kernel_size * kernel_size))
+    self.kg = tnn.Sequential(
+      tnn.UpsamplingBilinear2d(size=(gen_size, gen_size)),
+      *convs,
+      tnn.AdaptiveAvgPool2d(1),
+      tnn.Flatten(),
+      tnn.Dropout(p=0.1),
+      tnn.Linear(cin, kernel_size * kernel_size),
+    )
 
   def forward(self, attn):
     b, k = attn.size(0), self.k
     kg = self.kg(attn).reshape(b, 1, k, k)
-    attn2 = torch.cat([F.conv2d(attn[i:i + 1], kg[i:i + 1], padding=(k - 1) // 2)
-                       for i in range(b)])
+    attn2 = torch.cat(
+      [F.conv2d(attn[i : i + 1], kg[i : i + 1], padding=(k - 1) // 2) for i in range(b)]
+    )
     attn2 = t_min_max_norm(attn2)
     return attn2.max(attn)
 
 
 class TSCSEModule(tnn.Module):
-
   def __init__(self, cin, reduction, cout):
     super().__init__()
-    self.cSE = tnn.Sequential(tnn.AdaptiveAvgPool2d(1), tnn.Conv2d(cin, cin // reduction, 1),
-                              tnn.ReLU(inplace=True), tnn.Conv2d(cin // reduction, cin, 1),
-                              tnn.Sigmoid())
+    self.cSE = tnn.Sequential(
+      tnn.AdaptiveAvgPool2d(1),
+      tnn.Conv2d(cin, cin // reduction, 1),
+      tnn.ReLU(inplace=True),
+      tnn.Conv2d(cin // reduction, cin, 1),
+      tnn.Sigmoid(),
+    )
     self.c11 = TConvModule(cin, cout, 1)
 
   def forward(self, x):
@@ -395,8 +426,21 @@ class TSCSEModule(tnn.Module):
 class TAPSCHead(tnn.Module):
   """TestRFB1HA1CLab; forward returns (lab_outs, cls_aux, cpred) as its training branch does."""
 
-  def __init__(self, in_channels, channels, pool_scales, feat0_channels, c1_channels, dilations,
-               kernel_size, gen_size, gen_dims, image_dims, passes=3, num_classes=2):
+  def __init__(
+    self,
+    in_channels,
+    channels,
+    pool_scales,
+    feat0_channels,
+    c1_channels,
+    dilations,
+    kernel_size,
+    gen_size,
+    gen_dims,
+    image_dims,
+    passes=3,
+    num_classes=2,
+  ):
     super().__init__()
     c = channels
     self.passes = passes
@@ -418,10 +462,15 @@ class TAPSCHead(tnn.Module):
     self.ds = tnn.UpsamplingBilinear2d(scale_factor=0.5)
     d0, d1, d2 = image_dims
     self.cls_head = tnn.Sequential(
-        TConvModule(6 * c, d0, 1), tnn.MaxPool2d(2, 2),
-        TConvModule(d0, d1, 3, padding=1), tnn.MaxPool2d(2, 2),
-        TConvModule(d1, d2, 3, padding=1), tnn.AdaptiveMaxPool2d(1), tnn.Dropout(p=0.2),
-        tnn.Conv2d(d2, num_classes, 1, 1, 0))
+      TConvModule(6 * c, d0, 1),
+      tnn.MaxPool2d(2, 2),
+      TConvModule(d0, d1, 3, padding=1),
+      tnn.MaxPool2d(2, 2),
+      TConvModule(d1, d2, 3, padding=1),
+      tnn.AdaptiveMaxPool2d(1),
+      tnn.Dropout(p=0.2),
+      tnn.Conv2d(d2, num_classes, 1, 1, 0),
+    )
 
   def cls_seg(self, feat):
     return self.conv_seg(self.dropout(feat))
@@ -438,18 +487,20 @@ class TAPSCHead(tnn.Module):
     size = fpn_outs[1].shape[2:]
     fpn_outs = torch.cat([mmseg_resize(f, size) for f in fpn_outs], dim=1)
     for cnt in range(self.passes):
-      pos_map = F.interpolate(F.softmax(cls_aux[-1], dim=1)[:, 1:2], scale_factor=0.5,
-                              mode='bilinear')
+      pos_map = F.interpolate(
+        F.softmax(cls_aux[-1], dim=1)[:, 1:2], scale_factor=0.5, mode="bilinear"
+      )
       fpn_outs = fpn_outs * self.ha(pos_map)
       lab_outs, fpn_adds = self.MSDEC(feat0, fpn_outs)
       if cnt != self.passes - 1:
         cls_aux.append(lab_outs)
         fpn_outs = self.CE(torch.cat((fpn_outs, fpn_adds), 1))
     b, c, h, w = fpn_adds.shape
-    slices = [fpn_outs[:, k * c:(k + 1) * c] for k in range(4)]
+    slices = [fpn_outs[:, k * c : (k + 1) * c] for k in range(4)]
     prob = self.ds(F.softmax(lab_outs, dim=1)[:, 1:2]).expand_as(fpn_adds)
     cpred = self.cls_head(
-        torch.stack([fpn_adds] + slices + [prob], 2).reshape(b, c * 6, h, w).detach())
+      torch.stack([fpn_adds] + slices + [prob], 2).reshape(b, c * 6, h, w).detach()
+    )
     return lab_outs, cls_aux, cpred.flatten(1)
 
 
@@ -470,24 +521,23 @@ def test_convnext_block_parity():
   variables = convert_to_flax(block, tblock, x)
   with torch.no_grad():
     ref = tblock(to_torch(x))
-  check('convnext.Block', ref, jit_apply(block, variables, x, train=False))
+  check("convnext.Block", ref, jit_apply(block, variables, x, train=False))
 
 
-@pytest.mark.parametrize('in_chans', [3, 9])
+@pytest.mark.parametrize("in_chans", [3, 9])
 def test_convnext_backbone_parity(in_chans):
   rng = np.random.default_rng(in_chans)
   x = normal(rng, 2, 64, 96, in_chans)
   torch.manual_seed(in_chans)
   tmodel = randomize_(TConvNeXt(in_chans, DIMS, DEPTHS))
-  model = convnext.ConvNeXt(dims=DIMS, depths=DEPTHS, in_chans=in_chans,
-                            layer_scale_init_value=1.0)
+  model = convnext.ConvNeXt(dims=DIMS, depths=DEPTHS, in_chans=in_chans, layer_scale_init_value=1.0)
   variables = convert_to_flax(model, tmodel, x)
   with torch.no_grad():
     refs = tmodel(to_torch(x))
   outs = jit_apply(model, variables, x, train=False)
   assert len(outs) == 4
   for i, (ref, out) in enumerate(zip(refs, outs)):
-    check(f'convnext.ConvNeXt(in_chans={in_chans}) stage {i}', ref, out)
+    check(f"convnext.ConvNeXt(in_chans={in_chans}) stage {i}", ref, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,7 +572,7 @@ def test_ppm_psp_forward_parity():
   variables = convert_to_flax(model, tmodel, x)
   with torch.no_grad():
     ref = tmodel(tx)
-  check('upernet.psp_forward', ref, jit_apply(model, variables, x, train=False))
+  check("upernet.psp_forward", ref, jit_apply(model, variables, x, train=False))
 
 
 def test_se_gated_fusion_parity():
@@ -537,7 +587,7 @@ def test_se_gated_fusion_parity():
     refs = tmodel([to_torch(t) for t in laterals])
   outs = jit_apply(model, variables, laterals, train=False)
   for i in range(4):
-    check(f'upernet.se_gated_fusion level {i}', refs[i], outs[i])
+    check(f"upernet.se_gated_fusion level {i}", refs[i], outs[i])
 
 
 class TUPerHead(tnn.Module):
@@ -547,11 +597,13 @@ class TUPerHead(tnn.Module):
   def __init__(self, in_channels, channels, pool_scales, num_classes):
     super().__init__()
     self.psp_modules = TPPM(pool_scales, in_channels[-1], channels)
-    self.bottleneck = TConvModule(in_channels[-1] + len(pool_scales) * channels, channels, 3,
-                                  padding=1)
+    self.bottleneck = TConvModule(
+      in_channels[-1] + len(pool_scales) * channels, channels, 3, padding=1
+    )
     self.lateral_convs = tnn.ModuleList([TConvModule(c, channels, 1) for c in in_channels[:-1]])
-    self.fpn_convs = tnn.ModuleList([TConvModule(channels, channels, 3, padding=1)
-                                     for _ in in_channels[:-1]])
+    self.fpn_convs = tnn.ModuleList(
+      [TConvModule(channels, channels, 3, padding=1) for _ in in_channels[:-1]]
+    )
     self.fpn_bottleneck = TConvModule(len(in_channels) * channels, channels, 3, padding=1)
     self.conv_seg = tnn.Conv2d(channels, num_classes, 1)
 
@@ -576,7 +628,7 @@ def test_uperhead_parity():
   variables = convert_to_flax(model, tmodel, feats)
   with torch.no_grad():
     ref = tmodel(tfeats)
-  check('upernet.UPerHead', ref, jit_apply(model, variables, feats, train=False))
+  check("upernet.UPerHead", ref, jit_apply(model, variables, feats, train=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,14 +642,15 @@ def test_depthwise_separable_aspp_head_parity():
   torch.manual_seed(3)
   tc1, tx = to_torch(c1), to_torch(x)
   tmodel = randomize_(TSepASPPHead(24, 16, (1, 2, 3), 8, 4), tc1, tx)
-  model = deeplab.DepthwiseSeparableASPPHead(channels=16, dilations=(1, 2, 3), c1_channels=4,
-                                             dropout=0.1, num_classes=2)
+  model = deeplab.DepthwiseSeparableASPPHead(
+    channels=16, dilations=(1, 2, 3), c1_channels=4, dropout=0.1, num_classes=2
+  )
   variables = convert_to_flax(model, tmodel, c1, x)
   with torch.no_grad():
     ref_logits, ref_y = tmodel(tc1, tx)
   logits, y = jit_apply(model, variables, c1, x, train=False)
-  check('deeplab.DepthwiseSeparableASPPHead logits', ref_logits, logits)
-  check('deeplab.DepthwiseSeparableASPPHead bottleneck', ref_y, y)
+  check("deeplab.DepthwiseSeparableASPPHead logits", ref_logits, logits)
+  check("deeplab.DepthwiseSeparableASPPHead bottleneck", ref_y, y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,7 +667,7 @@ def test_head_attn_parity():
   variables = convert_to_flax(model, tmodel, attn)
   with torch.no_grad():
     ref = tmodel(tattn)
-  check('apsc_net.HeadAttn', ref, jit_apply(model, variables, attn, train=False))
+  check("apsc_net.HeadAttn", ref, jit_apply(model, variables, attn, train=False))
 
 
 def test_scse_module_parity():
@@ -627,7 +680,7 @@ def test_scse_module_parity():
   variables = convert_to_flax(model, tmodel, x)
   with torch.no_grad():
     ref = tmodel(tx)
-  check('apsc_net.SCSEModule', ref, jit_apply(model, variables, x, train=False))
+  check("apsc_net.SCSEModule", ref, jit_apply(model, variables, x, train=False))
 
 
 def test_apsc_head_parity(tmp_path):
@@ -638,36 +691,57 @@ def test_apsc_head_parity(tmp_path):
   """
   in_channels = DIMS
   cfg = apsc_net.APSCHeadConfig(
-      channels=16, pool_scales=(1, 2, 3, 6), fusion='se', se_reduction=8, feat0_channels=8,
-      c1_channels=4, aspp_dilations=(1, 2, 3), rectify_passes=3, kernel_size=5,
-      kernel_gen_size=16, kernel_gen_dims=(4, 8), cse_reduction=8, dropout=0.1,
-      image_head=True, image_head_dims=(8, 8, 8), image_head_dropout=0.2, num_classes=2)
+    channels=16,
+    pool_scales=(1, 2, 3, 6),
+    fusion="se",
+    se_reduction=8,
+    feat0_channels=8,
+    c1_channels=4,
+    aspp_dilations=(1, 2, 3),
+    rectify_passes=3,
+    kernel_size=5,
+    kernel_gen_size=16,
+    kernel_gen_dims=(4, 8),
+    cse_reduction=8,
+    dropout=0.1,
+    image_head=True,
+    image_head_dims=(8, 8, 8),
+    image_head_dropout=0.2,
+    num_classes=2,
+  )
   rng = np.random.default_rng(6)
   # Backbone features of a 96x128 image (strides 4, 8, 16, 32): non-square, and the PPM's
   # scale 6 exceeds the 3x4 top level.
   feats = [normal(rng, 2, 96 // s, 128 // s, c) for s, c in zip((4, 8, 16, 32), in_channels)]
   tfeats = [to_torch(f) for f in feats]
   torch.manual_seed(6)
-  tmodel = randomize_(TAPSCHead(in_channels, 16, (1, 2, 3, 6), 8, 4, (1, 2, 3), 5, 16, (4, 8),
-                                (8, 8, 8), passes=3), tfeats)
+  tmodel = randomize_(
+    TAPSCHead(in_channels, 16, (1, 2, 3, 6), 8, 4, (1, 2, 3), 5, 16, (4, 8), (8, 8, 8), passes=3),
+    tfeats,
+  )
   model = apsc_net.APSCHead(cfg)
   variables = convert_to_flax(model, tmodel, feats)
   with torch.no_grad():
     ref_logits, ref_aux, ref_image = tmodel(tfeats)
   out = jit_apply(model, variables, feats, train=False)
-  check('apsc_net.APSCHead logits', ref_logits, out['logits'])
-  assert len(out['aux']) == len(ref_aux) == 3
-  for i, (ref, got) in enumerate(zip(ref_aux, out['aux'])):
-    check(f'apsc_net.APSCHead aux {i}', ref, got)
-  check('apsc_net.APSCHead image_logits', ref_image, out['image_logits'])
+  check("apsc_net.APSCHead logits", ref_logits, out["logits"])
+  assert len(out["aux"]) == len(ref_aux) == 3
+  for i, (ref, got) in enumerate(zip(ref_aux, out["aux"])):
+    check(f"apsc_net.APSCHead aux {i}", ref, got)
+  check("apsc_net.APSCHead image_logits", ref_image, out["image_logits"])
 
-  path = str(tmp_path / 'apsc_head.pth')
-  torch.save({'meta': {'iter': 1},
-              'state_dict': {'decode_head.' + k: v for k, v in tmodel.state_dict().items()}},
-             path)
+  path = str(tmp_path / "apsc_head.pth")
+  torch.save(
+    {
+      "meta": {"iter": 1},
+      "state_dict": {"decode_head." + k: v for k, v in tmodel.state_dict().items()},
+    },
+    path,
+  )
   loaded = convert.read_state_dict(path)
-  from_file, report = convert.state_dict_to_variables(loaded, flax_target(model, feats),
-                                                      strict=True)
+  from_file, report = convert.state_dict_to_variables(
+    loaded, flax_target(model, feats), strict=True
+  )
   assert report.prefix == "strip 'decode_head.'"
   flat = jax.tree_util.tree_leaves_with_path(variables)
   flat_file = jax.tree_util.tree_leaves_with_path(from_file)

@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import jax
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from miml_jax import sharding
 from miml_jax.errors import UserInputError
@@ -29,12 +29,13 @@ def test_make_mesh_resolves_and_validates():
   mesh = sharding.make_mesh(_config(data=-1, fsdp=4), devices)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
   assert dict(sharding.make_mesh(_config(), devices).shape) == {"data": 8, "fsdp": 1}
-  assert dict(sharding.make_mesh(_config(data=1, fsdp=-1), devices).shape) == {"data": 1,
-                                                                                 "fsdp": 8}
-  for bad, message in (({"data": 3, "fsdp": 2}, "needs 6 devices"),
-                       ({"data": -1, "fsdp": 3}, "do not split"),
-                       ({"data": -1, "fsdp": -1}, "at most one"),
-                       ({"data": 0}, "positive")):
+  assert dict(sharding.make_mesh(_config(data=1, fsdp=-1), devices).shape) == {"data": 1, "fsdp": 8}
+  for bad, message in (
+    ({"data": 3, "fsdp": 2}, "needs 6 devices"),
+    ({"data": -1, "fsdp": 3}, "do not split"),
+    ({"data": -1, "fsdp": -1}, "at most one"),
+    ({"data": 0}, "positive"),
+  ):
     with pytest.raises(UserInputError, match=message):
       sharding.make_mesh(_config(**bad), devices)
 
@@ -50,8 +51,9 @@ def test_fsdp_rule():
   assert sharding.leaf_spec((3, 3, 64, 128), 1, min_size=1) == P()
   mesh = sharding.make_mesh(_config(data=1, fsdp=2), jax.devices()[:2])
   tree = {"w": np.zeros((64, 4096), np.float32), "b": np.zeros((4096,), np.float32)}
-  specs = jax.tree_util.tree_map(lambda s: s.spec,
-                                 sharding.tree_shardings(tree, mesh, _config(fsdp_min_size=1024)))
+  specs = jax.tree_util.tree_map(
+    lambda s: s.spec, sharding.tree_shardings(tree, mesh, _config(fsdp_min_size=1024))
+  )
   assert specs == {"w": P(None, "fsdp"), "b": P("fsdp")}
 
 
@@ -119,10 +121,16 @@ print(json.dumps(results))
 """
 
 TINY = [
-    "model.backbone.dims=(8,16,16,16)", "model.head.channels=8", "model.head.feat0_channels=8",
-    "model.head.kernel_gen_dims=(4,4,4,4,4)", "model.head.kernel_gen_size=16",
-    "model.head.image_head_dims=(8,8,8)", "model.trace_stem=(8,)", "loss.ohem_min_kept=1000",
-    "input.batch_size=8", "mesh.fsdp_min_size=256",
+  "model.backbone.dims=(8,16,16,16)",
+  "model.head.channels=8",
+  "model.head.feat0_channels=8",
+  "model.head.kernel_gen_dims=(4,4,4,4,4)",
+  "model.head.kernel_gen_size=16",
+  "model.head.image_head_dims=(8,8,8)",
+  "model.trace_stem=(8,)",
+  "loss.ohem_min_kept=1000",
+  "input.batch_size=8",
+  "mesh.fsdp_min_size=256",
 ]
 
 
@@ -131,21 +139,35 @@ def test_data_parallel_and_fsdp_steps_match_one_device_and_restore_anywhere(tmp_
   checkpoint restores, value for value, onto 4 devices and onto 1."""
   script = tmp_path / "steps.py"
   script.write_text(_SHARDED_STEPS)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+  }
   done = subprocess.run(
-      [sys.executable, str(script), os.path.join(ROOT, "experiments", "quickstart.py"), *TINY],
-      capture_output=True, text=True, env=env, timeout=900)
+    [sys.executable, str(script), os.path.join(ROOT, "experiments", "quickstart.py"), *TINY],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=900,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads(done.stdout.strip().splitlines()[-1])
-  assert results.pop("restored on 4 devices") == {"equal": True, "on_target_shardings": True,
-                                                  "devices": 4}
-  assert results.pop("restored on 1 device") == {"equal": True, "on_target_shardings": True,
-                                                 "devices": 1}
+  assert results.pop("restored on 4 devices") == {
+    "equal": True,
+    "on_target_shardings": True,
+    "devices": 4,
+  }
+  assert results.pop("restored on 1 device") == {
+    "equal": True,
+    "on_target_shardings": True,
+    "devices": 1,
+  }
   reference = results.pop("1 device")
   assert reference["sharded_leaves"] == 0
-  params = {name: np.load(str(script) + name.replace(" ", "_") + ".npy")
-            for name in ["1 device", *results]}
+  params = {
+    name: np.load(str(script) + name.replace(" ", "_") + ".npy") for name in ["1 device", *results]
+  }
   for name, result in results.items():
     # Same global batch, same maths: only the order of cross-device sums differs (~1e-7
     # relative in the gradients). Adam divides by sqrt(v), which turns that into up to ~1e-4

@@ -79,14 +79,20 @@ def test_same_index_same_bytes_in_any_instance_and_order():
 
 
 def test_same_sample_in_a_fresh_process():
-  code = ("import hashlib; from miml_jax.input import synthetic; "
-          "s = synthetic.SyntheticForgeries('validation', image_size=(40, 56), seed=2)[5]; "
-          "print(hashlib.sha256(s['image'].tobytes() + s['mask'].tobytes()).hexdigest(), "
-          "s['kind'])")
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             PYTHONHASHSEED="123")
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       check=True, cwd=REPO_ROOT).stdout.split()
+  code = (
+    "import hashlib; from miml_jax.input import synthetic; "
+    "s = synthetic.SyntheticForgeries('validation', image_size=(40, 56), seed=2)[5]; "
+    "print(hashlib.sha256(s['image'].tobytes() + s['mask'].tobytes()).hexdigest(), "
+    "s['kind'])"
+  )
+  env = dict(
+    os.environ,
+    PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    PYTHONHASHSEED="123",
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO_ROOT
+  ).stdout.split()
   here = synthetic.SyntheticForgeries("validation", image_size=(40, 56), seed=2)[5]
   digest = hashlib.sha256(here["image"].tobytes() + here["mask"].tobytes()).hexdigest()
   assert out == [digest, here["kind"]]
@@ -105,8 +111,9 @@ def test_splits_and_seeds_are_different_streams():
   assert train[0]["image"].tobytes() != train[1]["image"].tobytes()
 
 
-@pytest.mark.parametrize("image_size, shape", [(128, (128, 128)), ((48, 80), (48, 80)),
-                                               ((96, 32), (96, 32))])
+@pytest.mark.parametrize(
+  "image_size, shape", [(128, (128, 128)), ((48, 80), (48, 80)), ((96, 32), (96, 32))]
+)
 def test_shapes_dtypes_and_values(image_size, shape):
   data = synthetic.SyntheticForgeries("train", num_examples=8, image_size=image_size)
   for i in range(len(data)):
@@ -121,8 +128,12 @@ def test_shapes_dtypes_and_values(image_size, shape):
 
 
 @hypothesis.settings(max_examples=12, deadline=None)
-@hypothesis.given(height=st.integers(32, 100), width=st.integers(32, 100),
-                  index=st.integers(0, 4095), seed=st.integers(0, 2**32))
+@hypothesis.given(
+  height=st.integers(32, 100),
+  width=st.integers(32, 100),
+  index=st.integers(0, 4095),
+  seed=st.integers(0, 2**32),
+)
 def test_any_size_gives_a_valid_sample(height, width, index, seed):
   sample = synthetic.SyntheticForgeries(image_size=(height, width), seed=seed)[index]
   assert sample["image"].shape == (height, width, 3)
@@ -130,7 +141,9 @@ def test_any_size_gives_a_valid_sample(height, width, index, seed):
   assert synthetic.MIN_TAMPERED_FRACTION <= fraction <= synthetic.MAX_TAMPERED_FRACTION
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     ({"split": "test"}, "unknown synthetic split"),
     ({"image_size": 31}, ">= 32"),
     ({"image_size": (64, 16)}, ">= 32"),
@@ -138,7 +151,8 @@ def test_any_size_gives_a_valid_sample(height, width, index, seed):
     ({"image_size": 64.0}, "expected an int or (height, width)"),
     ({"num_examples": 0}, "positive int"),
     ({"seed": -1}, "non-negative int"),
-])
+  ],
+)
 def test_bad_arguments_are_user_errors(kwargs, message):
   with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
     synthetic.SyntheticForgeries(**kwargs)
@@ -200,8 +214,10 @@ def test_colour_threshold_oracle_scores_poorly(validation):
     pristine = np.bincount(grey[~mask], minlength=256)
     best = 0.0
     # Predicting grey >= t, then grey <= t: IoU = TP / (|mask| + FP).
-    for tp, fp in ((np.cumsum(tampered[::-1]), np.cumsum(pristine[::-1])),
-                   (np.cumsum(tampered), np.cumsum(pristine))):
+    for tp, fp in (
+      (np.cumsum(tampered[::-1]), np.cumsum(pristine[::-1])),
+      (np.cumsum(tampered), np.cumsum(pristine)),
+    ):
       best = max(best, float(np.max(tp / (mask.sum() + fp))))
     scores.setdefault(sample["kind"], []).append(best)
   assert np.mean(sum(scores.values(), [])) < 0.35
@@ -240,12 +256,10 @@ def test_export_folder_writes_the_miml_layout(tmp_path):
   out = tmp_path / "export"
   assert synthetic.export_folder(data, str(out), limit=3) == 3
   names = sorted(os.listdir(out / "imgs"))
-  assert names == sorted(os.listdir(out / "masks")) == ["000000.png", "000001.png",
-                                                       "000002.png"]
+  assert names == sorted(os.listdir(out / "masks")) == ["000000.png", "000001.png", "000002.png"]
   for k, name in enumerate(names):
     np.testing.assert_array_equal(io.read_image(str(out / "imgs" / name)), data[k]["image"])
-    np.testing.assert_array_equal(io.read_mask(str(out / "masks" / name)),
-                                  data[k]["mask"] * 255)
+    np.testing.assert_array_equal(io.read_mask(str(out / "masks" / name)), data[k]["mask"] * 255)
 
 
 def test_export_folder_refuses_a_non_empty_target(tmp_path):

@@ -1,5 +1,5 @@
 """Web forgery pairs in the CAAA input layout, the raw material of category-aware
-auto-annotation (METHODS.md section 2), as a TFDS dataset built without TensorFlow.
+auto-annotation (docs/methods.md, Not yet built), as a TFDS dataset built without TensorFlow.
 
     miml-jax data build ciml_pairs --manual-dir /data/web_pairs
 
@@ -21,20 +21,25 @@ from miml_jax.errors import UserInputError
 class Builder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Authentic and forged image bytes, optional mask, same_size."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = ("manual_dir holds one folder per pair: <pair_id>/0.<ext> "
-                                  "(authentic), <pair_id>/1.<ext> (forged), optionally "
-                                  "<pair_id>/mask.<ext>")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "manual_dir holds one folder per pair: <pair_id>/0.<ext> "
+    "(authentic), <pair_id>/1.<ext> (forged), optionally "
+    "<pair_id>/mask.<ext>"
+  )
 
   def _info(self):
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "authentic": tfds.features.Tensor(shape=(), dtype=np.object_),  # file bytes
-            "forged": tfds.features.Tensor(shape=(), dtype=np.object_),  # file bytes
-            "mask": tfds.features.Tensor(shape=(), dtype=np.object_),  # PNG, b"" if none
-            "has_mask": np.bool_,
-            "same_size": np.bool_,
-            "id": tfds.features.Text(),
-        }))
+      features=tfds.features.FeaturesDict(
+        {
+          "authentic": tfds.features.Tensor(shape=(), dtype=np.object_),  # file bytes
+          "forged": tfds.features.Tensor(shape=(), dtype=np.object_),  # file bytes
+          "mask": tfds.features.Tensor(shape=(), dtype=np.object_),  # PNG, b"" if none
+          "has_mask": np.bool_,
+          "same_size": np.bool_,
+          "id": tfds.features.Text(),
+        }
+      )
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(os.fspath(dl_manager.manual_dir))}
@@ -45,8 +50,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       raise UserInputError(f"{root}: no pair folders; {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     for pair in pairs:
       folder = os.path.join(root, pair)
-      files = {os.path.splitext(name)[0]: os.path.join(folder, name)
-               for name in os.listdir(folder) if name.lower().endswith(io.IMAGE_EXTENSIONS)}
+      files = {
+        os.path.splitext(name)[0]: os.path.join(folder, name)
+        for name in os.listdir(folder)
+        if name.lower().endswith(io.IMAGE_EXTENSIONS)
+      }
       for role, what in (("0", "authentic"), ("1", "forged")):
         if role not in files:
           raise UserInputError(f"{folder}: no {role}.<ext> ({what} image)")
@@ -58,6 +66,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         mask_array = io.read_mask(files["mask"])
         io.check_same_size(forged, mask_array, files["1"], files["mask"])
         mask = io.encode_image(mask_array, ".png")
-      yield pair, {"authentic": authentic_bytes, "forged": forged_bytes, "mask": mask,
-                   "has_mask": bool(mask), "same_size": authentic.shape == forged.shape,
-                   "id": pair}
+      yield (
+        pair,
+        {
+          "authentic": authentic_bytes,
+          "forged": forged_bytes,
+          "mask": mask,
+          "has_mask": bool(mask),
+          "same_size": authentic.shape == forged.shape,
+          "id": pair,
+        },
+      )

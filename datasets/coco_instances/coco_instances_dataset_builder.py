@@ -40,44 +40,53 @@ SPLIT_NAMES = {"val": "validation"}
 
 class Builder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Image bytes and per-instance compressed RLE masks, category ids, "
-                            "annotation ids, areas."}
+  RELEASE_NOTES = {
+    "1.0.0": "Image bytes and per-instance compressed RLE masks, category ids, "
+    "annotation ids, areas."
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "manual_dir is a COCO folder: images/ + annotations/instances.json (images may carry a "
-      "'split' field such as 'train2017'), or the official train2017/, val2017/ + "
-      "annotations/instances_train2017.json, annotations/instances_val2017.json")
+    "manual_dir is a COCO folder: images/ + annotations/instances.json (images may carry a "
+    "'split' field such as 'train2017'), or the official train2017/, val2017/ + "
+    "annotations/instances_train2017.json, annotations/instances_val2017.json"
+  )
 
   def _info(self):
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # the file's bytes
-            "id": tfds.features.Text(),  # the image's file_name
-            "image_id": np.int64,  # COCO's image id (-1 if not an integer)
-            "height": np.int32,
-            "width": np.int32,
-            # Per instance: COCO compressed RLE (column-major runs) of the decoded mask.
-            "instances": tfds.features.Tensor(shape=(None,), dtype=np.object_),
-            "category_ids": tfds.features.Tensor(shape=(None,), dtype=np.int64),
-            "annotation_ids": tfds.features.Tensor(shape=(None,), dtype=np.int64),
-            "areas": tfds.features.Tensor(shape=(None,), dtype=np.int64),  # pixel counts
-        }),
-        # Stored in key order (the reader's index), so index i is the same image as in the
-        # COCO folder it was built from.
-        disable_shuffling=True,
-        homepage="https://cocodataset.org")
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # the file's bytes
+          "id": tfds.features.Text(),  # the image's file_name
+          "image_id": np.int64,  # COCO's image id (-1 if not an integer)
+          "height": np.int32,
+          "width": np.int32,
+          # Per instance: COCO compressed RLE (column-major runs) of the decoded mask.
+          "instances": tfds.features.Tensor(shape=(None,), dtype=np.object_),
+          "category_ids": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+          "annotation_ids": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+          "areas": tfds.features.Tensor(shape=(None,), dtype=np.int64),  # pixel counts
+        }
+      ),
+      # Stored in key order (the reader's index), so index i is the same image as in the
+      # COCO folder it was built from.
+      disable_shuffling=True,
+      homepage="https://cocodataset.org",
+    )
 
   def _split_generators(self, dl_manager):
     root = str(dl_manager.manual_dir)
     splits = coco.find_splits(root)
     if not splits:
-      raise UserInputError(f"{root}: no image with a (non-crowd) annotation; "
-                           f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+      raise UserInputError(
+        f"{root}: no image with a (non-crowd) annotation; {self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+      )
     generators = {}
     for name in splits:
       stored = SPLIT_NAMES.get(name, name)
       if not re.fullmatch(r"[A-Za-z0-9_]+", stored):
-        raise UserInputError(f"{splits[name]}: split name {name!r} cannot name a dataset split "
-                             f"(letters, digits and _ only)")
+        raise UserInputError(
+          f"{splits[name]}: split name {name!r} cannot name a dataset split "
+          f"(letters, digits and _ only)"
+        )
       generators[stored] = self._generate_examples(root, name)
     return generators
 
@@ -87,15 +96,23 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       # Decoding here checks each image and mask before anything is stored.
       item, image_bytes = instances.read_with_bytes(index)
       info = instances.image_info(index)
-      yield index, {
+      yield (
+        index,
+        {
           "image": image_bytes,
           "id": item["name"],
           "image_id": info["image_id"],
           "height": info["height"],
           "width": info["width"],
-          "instances": np.array([coco.encode_rle_string(coco.mask_to_runs(mask)).encode("ascii")
-                                 for mask in item["instances"]], dtype=object),
+          "instances": np.array(
+            [
+              coco.encode_rle_string(coco.mask_to_runs(mask)).encode("ascii")
+              for mask in item["instances"]
+            ],
+            dtype=object,
+          ),
           "category_ids": item["category_ids"],
           "annotation_ids": item["annotation_ids"],
           "areas": item["areas"],
-      }
+        },
+      )

@@ -27,34 +27,41 @@ from miml_jax.errors import UserInputError
 
 # config name -> (folder in manual_dir, category of every example or None, description)
 CONFIGS = {
-    "miml_part1": ("MIML_Part1", "spg", "MIML Part1: same-size pairs (SPG), DASS annotations"),
-    "miml_part2": ("MIML_Part2", "sdg", "MIML Part2: different-size pairs (SDG), SACM"),
-    "mimlv2": ("MIMLv2", None, "MIMLv2: CAAAv2 annotations of web pairs, SPG and SDG"),
-    "caaa": ("caaa", None, "the output of this project's CAAA auto-annotation"),
+  "miml_part1": ("MIML_Part1", "spg", "MIML Part1: same-size pairs (SPG), DASS annotations"),
+  "miml_part2": ("MIML_Part2", "sdg", "MIML Part2: different-size pairs (SDG), SACM"),
+  "mimlv2": ("MIMLv2", None, "MIMLv2: CAAAv2 annotations of web pairs, SPG and SDG"),
+  "caaa": ("caaa", None, "the output of this project's CAAA auto-annotation"),
 }
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Images as original bytes, soft masks, QES, SPG/SDG source."}
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name, description=description)
-                     for name, (_, _, description) in CONFIGS.items()]
+  BUILDER_CONFIGS = [
+    tfds.core.BuilderConfig(name=name, description=description)
+    for name, (_, _, description) in CONFIGS.items()
+  ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Put each release in the MIML layout under manual_dir: "
-      + ", ".join(f"{folder}/imgs + {folder}/masks ({name})"
-                  for name, (folder, _, _) in CONFIGS.items()))
+    "Put each release in the MIML layout under manual_dir: "
+    + ", ".join(
+      f"{folder}/imgs + {folder}/masks ({name})" for name, (folder, _, _) in CONFIGS.items()
+    )
+  )
 
   def _info(self):
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # the file's bytes
-            "mask": tfds.features.Tensor(shape=(), dtype=np.object_),  # PNG, 0..255 soft
-            "id": tfds.features.Text(),
-            "is_jpeg": np.bool_,
-            "qes": np.float32,
-            "source": tfds.features.Text(),  # spg | sdg | unknown
-        }),
-        homepage="https://github.com/qcf-568/MIML")
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # the file's bytes
+          "mask": tfds.features.Tensor(shape=(), dtype=np.object_),  # PNG, 0..255 soft
+          "id": tfds.features.Text(),
+          "is_jpeg": np.bool_,
+          "qes": np.float32,
+          "source": tfds.features.Text(),  # spg | sdg | unknown
+        }
+      ),
+      homepage="https://github.com/qcf-568/MIML",
+    )
 
   def _split_generators(self, dl_manager):
     folder, _, _ = CONFIGS[self.builder_config.name]
@@ -63,6 +70,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, root):
     from miml_jax.input.sources import FolderSource  # the MIML layout's one reader
+
     if not os.path.isdir(root):
       raise UserInputError(f"{root}: no such folder; {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     folder = FolderSource(root)
@@ -77,14 +85,17 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       mask = io.read_mask(mask_path)
       io.check_same_size(image, mask, image_path, mask_path)
       note = annotations.get(stem, {})
-      yield stem, {
+      yield (
+        stem,
+        {
           "image": image_bytes,
           "mask": io.encode_image(mask, ".png"),
           "id": stem,
           "is_jpeg": image_path.lower().endswith((".jpg", ".jpeg")),
           "qes": float(note["qes"]) if "qes" in note else float(computed[mask_path]),
           "source": note.get("source", category or "unknown"),
-      }
+        },
+      )
 
 
 def _read_annotations(path: str) -> dict:

@@ -137,8 +137,9 @@ def _decode(segmentation, height: int, width: int, where: str) -> np.ndarray:
     return polygons_to_mask(segmentation, height, width)
   if segmentation["size"] != (height, width):
     raise UserInputError(
-        f"{where}: RLE size {list(segmentation['size'])} differs from the image's "
-        f"[{height}, {width}] (height, width)")
+      f"{where}: RLE size {list(segmentation['size'])} differs from the image's "
+      f"[{height}, {width}] (height, width)"
+    )
   counts = segmentation["counts"]
   try:
     runs = decode_rle_string(counts) if isinstance(counts, str) else counts
@@ -156,11 +157,14 @@ def _load_annotation_file(path: str) -> tuple[list, list]:
   except FileNotFoundError as e:
     raise UserInputError(f"{path}: no such file") from e
   except (ValueError, KeyError, TypeError) as e:
-    raise UserInputError(f"{path}: not a COCO annotation file "
-                         f"(needs 'images' and 'annotations'): {type(e).__name__}: {e}") from e
+    raise UserInputError(
+      f"{path}: not a COCO annotation file "
+      f"(needs 'images' and 'annotations'): {type(e).__name__}: {e}"
+    ) from e
   if not isinstance(images, list) or not isinstance(annotations, list):
-    raise UserInputError(f"{path}: not a COCO annotation file ('images' and 'annotations' must "
-                         f"be lists)")
+    raise UserInputError(
+      f"{path}: not a COCO annotation file ('images' and 'annotations' must be lists)"
+    )
   return images, annotations
 
 
@@ -178,8 +182,13 @@ class CocoInstances:
   (kept) annotation are left out of the index; `num_skipped` says how many.
   """
 
-  def __init__(self, root: str, split_name: str | None = "train",
-               annotation_file: str | None = None, include_crowd: bool = False):
+  def __init__(
+    self,
+    root: str,
+    split_name: str | None = "train",
+    annotation_file: str | None = None,
+    include_crowd: bool = False,
+  ):
     """Indexes the annotations.
 
     Args:
@@ -196,11 +205,13 @@ class CocoInstances:
       candidates = [os.path.join(self.root, "annotations", "instances.json")]
       if split_name is not None:
         candidates.append(
-            os.path.join(self.root, "annotations", f"instances_{split_name}2017.json"))
+          os.path.join(self.root, "annotations", f"instances_{split_name}2017.json")
+        )
       existing = [p for p in candidates if os.path.isfile(p)]
       if not existing:
-        raise UserInputError(f"{self.root}: no COCO annotation file (looked for "
-                             f"{' and '.join(candidates)})")
+        raise UserInputError(
+          f"{self.root}: no COCO annotation file (looked for {' and '.join(candidates)})"
+        )
       annotation_file = existing[0]
     self.annotation_file = os.fspath(annotation_file)
     images, annotations = _load_annotation_file(self.annotation_file)
@@ -208,17 +219,23 @@ class CocoInstances:
     by_id = {}
     for image in images:
       try:
-        by_id[image["id"]] = (image["file_name"], int(image["height"]), int(image["width"]),
-                              splits is None or image.get("split", split_name) in splits)
+        by_id[image["id"]] = (
+          image["file_name"],
+          int(image["height"]),
+          int(image["width"]),
+          splits is None or image.get("split", split_name) in splits,
+        )
       except (KeyError, TypeError, ValueError) as e:
         raise UserInputError(
-            f"{self.annotation_file}: image entry {image!r:.200} lacks id / file_name / height / "
-            f"width") from e
+          f"{self.annotation_file}: image entry {image!r:.200} lacks id / file_name / height / "
+          f"width"
+        ) from e
     per_image = {}
     for annotation in annotations:
       if not isinstance(annotation, dict):
         raise UserInputError(
-            f"{self.annotation_file}: annotation {annotation!r:.200} is not a JSON object")
+          f"{self.annotation_file}: annotation {annotation!r:.200} is not a JSON object"
+        )
       where = f"{self.annotation_file}: annotation {annotation.get('id')!r}"
       if annotation.get("image_id") not in by_id:
         raise UserInputError(f"{where}: image_id {annotation.get('image_id')!r} is not an image")
@@ -227,8 +244,12 @@ class CocoInstances:
       if not by_id[annotation["image_id"]][3]:
         continue
       per_image.setdefault(annotation["image_id"], []).append(
-          {"id": annotation.get("id"), "category_id": _id_number(annotation.get("category_id")),
-           "segmentation": _compact_segmentation(annotation.get("segmentation"), where)})
+        {
+          "id": annotation.get("id"),
+          "category_id": _id_number(annotation.get("category_id")),
+          "segmentation": _compact_segmentation(annotation.get("segmentation"), where),
+        }
+      )
     # In the annotation file's image order, so indices do not depend on dict ordering.
     self._records = [(by_id[i][:3], per_image[i]) for i in by_id if i in per_image]
     self._image_ids = [i for i in by_id if i in per_image]
@@ -252,8 +273,12 @@ class CocoInstances:
     """Item `index`'s image without reading it: {'path', 'image_id' (-1 if not an integer),
     'height', 'width'}."""
     (file_name, height, width), _ = self._records[index]
-    return {"path": os.path.join(self.image_dir, file_name),
-            "image_id": _id_number(self._image_ids[index]), "height": height, "width": width}
+    return {
+      "path": os.path.join(self.image_dir, file_name),
+      "image_id": _id_number(self._image_ids[index]),
+      "height": height,
+      "width": width,
+    }
 
   def __getitem__(self, index: int) -> dict:
     return self.read_with_bytes(index)[0]
@@ -267,27 +292,41 @@ class CocoInstances:
     image = io.decode_image(data, path)
     if image.shape[:2] != (height, width):
       raise UserInputError(
-          f"{path}: image is {image.shape[1]}x{image.shape[0]} but {self.annotation_file} says "
-          f"{width}x{height} (width x height)")
-    instances = np.stack([
-        _decode(a["segmentation"], height, width,
-                f"{self.annotation_file}: annotation {a['id']!r}") for a in annotations])
-    return _item(image, instances, file_name,
-                 [a["category_id"] for a in annotations],
-                 [_id_number(a["id"]) for a in annotations]), data
+        f"{path}: image is {image.shape[1]}x{image.shape[0]} but {self.annotation_file} says "
+        f"{width}x{height} (width x height)"
+      )
+    instances = np.stack(
+      [
+        _decode(a["segmentation"], height, width, f"{self.annotation_file}: annotation {a['id']!r}")
+        for a in annotations
+      ]
+    )
+    return _item(
+      image,
+      instances,
+      file_name,
+      [a["category_id"] for a in annotations],
+      [_id_number(a["id"]) for a in annotations],
+    ), data
 
   def __repr__(self) -> str:
-    return (f"CocoInstances({self.annotation_file!r}, images={len(self)}, "
-            f"skipped={self.num_skipped})")
+    return (
+      f"CocoInstances({self.annotation_file!r}, images={len(self)}, skipped={self.num_skipped})"
+    )
 
 
-def _item(image: np.ndarray, instances: np.ndarray, name: str, category_ids,
-          annotation_ids) -> dict:
+def _item(
+  image: np.ndarray, instances: np.ndarray, name: str, category_ids, annotation_ids
+) -> dict:
   """The item both COCO readers return (see CocoInstances)."""
-  return {"image": image, "instances": instances, "name": name,
-          "category_ids": np.asarray(category_ids, np.int64).reshape(-1),
-          "annotation_ids": np.asarray(annotation_ids, np.int64).reshape(-1),
-          "areas": np.array([cv2.countNonZero(m) for m in instances], np.int64)}
+  return {
+    "image": image,
+    "instances": instances,
+    "name": name,
+    "category_ids": np.asarray(category_ids, np.int64).reshape(-1),
+    "annotation_ids": np.asarray(annotation_ids, np.int64).reshape(-1),
+    "areas": np.array([cv2.countNonZero(m) for m in instances], np.int64),
+  }
 
 
 def find_splits(root: str) -> dict[str, str]:
@@ -302,21 +341,27 @@ def find_splits(root: str) -> dict[str, str]:
   merged = os.path.join(root, "annotations", "instances.json")
   if os.path.isfile(merged):
     images, annotations = _load_annotation_file(merged)
-    annotated = {a.get("image_id") for a in annotations
-                 if isinstance(a, dict) and not a.get("iscrowd", 0)}
+    annotated = {
+      a.get("image_id") for a in annotations if isinstance(a, dict) and not a.get("iscrowd", 0)
+    }
     names = set()
     for image in images:
       if isinstance(image, dict) and image.get("id") in annotated:
         name = str(image.get("split", "train"))
         names.add(name[:-4] if name.endswith("2017") else name)
-    return {name: merged for name in sorted(names)}
+    return dict.fromkeys(sorted(names), merged)
   folder = os.path.join(root, "annotations")
-  found = sorted(name for name in (os.listdir(folder) if os.path.isdir(folder) else [])
-                 if re.fullmatch(r"instances_\w+2017\.json", name))
+  found = sorted(
+    name
+    for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+    if re.fullmatch(r"instances_\w+2017\.json", name)
+  )
   if not found:
-    raise UserInputError(f"{root}: no COCO annotation file (looked for {merged} and "
-                         f"{os.path.join(folder, 'instances_<split>2017.json')})")
-  return {name[len("instances_"):-len("2017.json")]: os.path.join(folder, name) for name in found}
+    raise UserInputError(
+      f"{root}: no COCO annotation file (looked for {merged} and "
+      f"{os.path.join(folder, 'instances_<split>2017.json')})"
+    )
+  return {name[len("instances_") : -len("2017.json")]: os.path.join(folder, name) for name in found}
 
 
 class BuiltCocoInstances:
@@ -333,9 +378,11 @@ class BuiltCocoInstances:
     self._records, self.name = records, name
     self.num_skipped = 0  # The builder stored only images with instances.
     if len(records) and any(field not in records[0] for field in self.FIELDS):
-      raise UserInputError(f"{name}: not a coco_instances dataset (its examples lack "
-                           f"{', '.join(f for f in self.FIELDS if f not in records[0])}); build "
-                           f"one with `miml-jax data build coco_instances --manual-dir DIR`")
+      raise UserInputError(
+        f"{name}: not a coco_instances dataset (its examples lack "
+        f"{', '.join(f for f in self.FIELDS if f not in records[0])}); build "
+        f"one with `miml-jax data build coco_instances --manual-dir DIR`"
+      )
 
   def __len__(self) -> int:
     return len(self._records)
@@ -347,10 +394,14 @@ class BuiltCocoInstances:
     image = io.decode_image(record["image"], where + " image")
     height, width = int(record["height"]), int(record["width"])
     if image.shape[:2] != (height, width):
-      raise UserInputError(f"{where}: image is {image.shape[1]}x{image.shape[0]}, stored size "
-                           f"{width}x{height} (width x height)")
-    masks = [_decode({"size": (height, width), "counts": _text(counts)}, height, width, where)
-             for counts in record["instances"]]
+      raise UserInputError(
+        f"{where}: image is {image.shape[1]}x{image.shape[0]}, stored size "
+        f"{width}x{height} (width x height)"
+      )
+    masks = [
+      _decode({"size": (height, width), "counts": _text(counts)}, height, width, where)
+      for counts in record["instances"]
+    ]
     instances = np.stack(masks) if masks else np.zeros((0, height, width), np.uint8)
     return _item(image, instances, file_name, record["category_ids"], record["annotation_ids"])
 
@@ -373,14 +424,20 @@ def open_instances(location: str, split: str, open_built=None):
       that opens the built split (sources.py passes its TFDS reader's).
   """
   if location.startswith("tfds:"):
-    records, name = open_built(location[len("tfds:"):], split)
+    records, name = open_built(location[len("tfds:") :], split)
     return BuiltCocoInstances(records, name)
-  return CocoInstances(os.path.expanduser(location),
-                       split_name={"validation": "val"}.get(split, split))
+  return CocoInstances(
+    os.path.expanduser(location), split_name={"validation": "val"}.get(split, split)
+  )
 
 
-def random_resize(image: np.ndarray, instances: np.ndarray, rng: np.random.Generator,
-                  crop_size: int, resize_range: tuple[float, float]):
+def random_resize(
+  image: np.ndarray,
+  instances: np.ndarray,
+  rng: np.random.Generator,
+  crop_size: int,
+  resize_range: tuple[float, float],
+):
   """Each side resized to crop_size * U(resize_range) (aspect not kept, as in the official data
   flow): the image bilinearly, the (N, H, W) instance masks by nearest neighbour, so they stay
   binary (Object Jitter and splicing make their own alpha from them). Draws height, then width."""
@@ -388,9 +445,11 @@ def random_resize(image: np.ndarray, instances: np.ndarray, rng: np.random.Gener
   width = int(round(crop_size * rng.uniform(*resize_range)))
   if (height, width) != image.shape[:2]:
     image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
-    instances = np.stack(
-        [cv2.resize(m, (width, height), interpolation=cv2.INTER_NEAREST) for m in instances]
-    ) if len(instances) else np.zeros((0, height, width), np.uint8)
+    instances = (
+      np.stack([cv2.resize(m, (width, height), interpolation=cv2.INTER_NEAREST) for m in instances])
+      if len(instances)
+      else np.zeros((0, height, width), np.uint8)
+    )
   return image, instances
 
 
@@ -416,10 +475,14 @@ class ObjectJitterTransform(grain.transforms.RandomMap):
   crop before jitter (for `miml-jax data show`); training leaves it off and carries nothing extra.
   """
 
-  def __init__(self, crop_size: int = 512, resize_range: tuple[float, float] = (1.0, 1.5),
-               config: ObjectJitterConfig = ObjectJitterConfig(), keep_host: bool = False):
-    if (not isinstance(crop_size, (int, np.integer)) or isinstance(crop_size, bool) or
-        crop_size < 1):
+  def __init__(
+    self,
+    crop_size: int = 512,
+    resize_range: tuple[float, float] = (1.0, 1.5),
+    config: ObjectJitterConfig = ObjectJitterConfig(),
+    keep_host: bool = False,
+  ):
+    if not isinstance(crop_size, (int, np.integer)) or isinstance(crop_size, bool) or crop_size < 1:
       raise UserInputError(f"crop_size: expected a positive int, got {crop_size!r}")
     lo, hi = (float(v) for v in resize_range)
     if not 0 < lo <= hi:
@@ -432,14 +495,15 @@ class ObjectJitterTransform(grain.transforms.RandomMap):
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     size = self.crop_size
-    image, instances = random_resize(element["image"], element["instances"], rng, size,
-                                     self.resize_range)
+    image, instances = random_resize(
+      element["image"], element["instances"], rng, size, self.resize_range
+    )
     image, instances = pad_to_crop(image, instances, size)
     for _ in range(self.config.max_attempts):
       y = int(rng.integers(0, image.shape[0] - size + 1))
       x = int(rng.integers(0, image.shape[1] - size + 1))
-      crop = np.ascontiguousarray(image[y:y + size, x:x + size])
-      result = object_jitter(crop, instances[:, y:y + size, x:x + size], rng, self.config)
+      crop = np.ascontiguousarray(image[y : y + size, x : x + size])
+      result = object_jitter(crop, instances[:, y : y + size, x : x + size], rng, self.config)
       if result is not None:
         break
     else:
@@ -455,14 +519,20 @@ class ObjectJitterSource:
   """The `coco:PATH` data source: COCO images made into forgeries by Object Jitter.
 
   Item i is image i of `coco` after `ObjectJitterTransform` with an rng drawn from
-  (seed, split, i): deterministic per (seed, index) as METHODS.md asks, and the same in every
+  (seed, split, i): deterministic per (seed, index) as docs/methods.md says, and the same in every
   process. Like the synthetic set, an index always gives the same forgery; the trainer's own
   augmentation (flips, rot90, JPEG, RGB shift) still varies from epoch to epoch.
   Items follow the source contract of `miml_jax.input.sources`.
   """
 
-  def __init__(self, coco: CocoInstances, crop_size: int, seed: int, split_id: int,
-               config: ObjectJitterConfig = ObjectJitterConfig()):
+  def __init__(
+    self,
+    coco: CocoInstances,
+    crop_size: int,
+    seed: int,
+    split_id: int,
+    config: ObjectJitterConfig = ObjectJitterConfig(),
+  ):
     self.coco = coco
     self.transform = ObjectJitterTransform(crop_size, config=config)
     self.seed, self.split_id = int(seed), int(split_id)

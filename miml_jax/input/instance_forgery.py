@@ -56,6 +56,7 @@ _MODE_STREAMS = {"splice": 1, "copy_move": 2}
 @dataclasses.dataclass(frozen=True)
 class InstanceForgeryConfig:
   """The recipe's parameters (see the module docstring)."""
+
   min_side: int = 8
   # Smallest object (pixels, after scaling), and fewest pixels a paste must write.
   min_area: int = 256
@@ -79,8 +80,9 @@ class InstanceForgeryConfig:
         raise UserInputError(f"instance_forgery.{name}: expected a value in [0, 1], got {value!r}")
     low, high = self.scale_range
     if not 0 < low <= high:
-      raise UserInputError(f"instance_forgery.scale_range: expected 0 < low <= high, got "
-                           f"{self.scale_range!r}")
+      raise UserInputError(
+        f"instance_forgery.scale_range: expected 0 < low <= high, got {self.scale_range!r}"
+      )
 
   @classmethod
   def from_config(cls, config) -> "InstanceForgeryConfig":
@@ -90,6 +92,7 @@ class InstanceForgeryConfig:
 @dataclasses.dataclass(frozen=True)
 class Forgery:
   """One splice or copy-move: the result and how it was made."""
+
   image: np.ndarray  # uint8 (H, W, 3), the composite
   mask: np.ndarray  # uint8 (H, W) in {0, 255}: exactly the pixels written
   object_index: int  # index of the pasted object in the instances it came from
@@ -118,7 +121,10 @@ def cut_object(image: np.ndarray, instance: np.ndarray, scale: float = 1.0, flip
   x, y, w, h = cv2.boundingRect(instance)
   if w == 0 or h == 0:
     return None
-  patch, alpha = image[y:y + h, x:x + w], (instance[y:y + h, x:x + w] != 0).astype(np.float32)
+  patch, alpha = (
+    image[y : y + h, x : x + w],
+    (instance[y : y + h, x : x + w] != 0).astype(np.float32),
+  )
   size = (max(1, round(w * scale)), max(1, round(h * scale)))
   if size != (w, h):
     patch = cv2.resize(patch, size, interpolation=cv2.INTER_LINEAR)
@@ -129,12 +135,20 @@ def cut_object(image: np.ndarray, instance: np.ndarray, scale: float = 1.0, flip
   bx, by, bw, bh = cv2.boundingRect(alpha.view(np.uint8))
   if bw == 0 or bh == 0:
     return None
-  return (np.ascontiguousarray(patch[by:by + bh, bx:bx + bw]),
-          np.ascontiguousarray(alpha[by:by + bh, bx:bx + bw]))
+  return (
+    np.ascontiguousarray(patch[by : by + bh, bx : bx + bw]),
+    np.ascontiguousarray(alpha[by : by + bh, bx : bx + bw]),
+  )
 
 
-def paste(host: np.ndarray, patch: np.ndarray, alpha: np.ndarray, x: int, y: int,
-          occluder: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def paste(
+  host: np.ndarray,
+  patch: np.ndarray,
+  alpha: np.ndarray,
+  x: int,
+  y: int,
+  occluder: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Pastes `patch` where `alpha` is set, its top-left at (x, y), onto a copy of `host`.
 
   The patch may lie partly (or wholly) outside the host: what falls outside is dropped. Pixels
@@ -149,16 +163,21 @@ def paste(host: np.ndarray, patch: np.ndarray, alpha: np.ndarray, x: int, y: int
   x1, y1 = min(width, x + patch.shape[1]), min(height, y + patch.shape[0])
   if x0 >= x1 or y0 >= y1:
     return out, written
-  visible = alpha[y0 - y:y1 - y, x0 - x:x1 - x].copy()
+  visible = alpha[y0 - y : y1 - y, x0 - x : x1 - x].copy()
   if occluder is not None:
     visible &= ~occluder[y0:y1, x0:x1]
-  np.copyto(out[y0:y1, x0:x1], patch[y0 - y:y1 - y, x0 - x:x1 - x], where=visible[..., None])
+  np.copyto(out[y0:y1, x0:x1], patch[y0 - y : y1 - y, x0 - x : x1 - x], where=visible[..., None])
   written[y0:y1, x0:x1] = visible
   return out, written
 
 
-def _candidates(instances: np.ndarray, scale: float, crop_area: int, cfg: InstanceForgeryConfig,
-                exclude: int | None = None) -> list[tuple[int, tuple]]:
+def _candidates(
+  instances: np.ndarray,
+  scale: float,
+  crop_area: int,
+  cfg: InstanceForgeryConfig,
+  exclude: int | None = None,
+) -> list[tuple[int, tuple]]:
   """(index, tight box) of the objects that qualify at `scale` (rule 2), in instance order."""
   out = []
   for index, instance in enumerate(instances):
@@ -167,14 +186,19 @@ def _candidates(instances: np.ndarray, scale: float, crop_area: int, cfg: Instan
     x, y, w, h = cv2.boundingRect(instance)
     if min(w, h) * scale < cfg.min_side:
       continue
-    area = cv2.countNonZero(instance[y:y + h, x:x + w]) * scale * scale
+    area = cv2.countNonZero(instance[y : y + h, x : x + w]) * scale * scale
     if cfg.min_area <= area <= cfg.max_object_fraction * crop_area:
       out.append((index, (x, y, w, h)))
   return out
 
 
-def _choose_and_cut(image: np.ndarray, instances: np.ndarray, crop_area: int,
-                    rng: np.random.Generator, cfg: InstanceForgeryConfig):
+def _choose_and_cut(
+  image: np.ndarray,
+  instances: np.ndarray,
+  crop_area: int,
+  rng: np.random.Generator,
+  cfg: InstanceForgeryConfig,
+):
   """Rules 1-3: (object index, its box, scale, flip, patch, alpha) or None."""
   scale = float(rng.uniform(*cfg.scale_range))
   flip = bool(rng.random() < cfg.flip_prob)
@@ -187,8 +211,11 @@ def _choose_and_cut(image: np.ndarray, instances: np.ndarray, crop_area: int,
     return None
   patch, alpha = cut
   count = int(np.count_nonzero(alpha))
-  if (min(alpha.shape) < cfg.min_side or count < cfg.min_area
-      or count > cfg.max_object_fraction * crop_area):
+  if (
+    min(alpha.shape) < cfg.min_side
+    or count < cfg.min_area
+    or count > cfg.max_object_fraction * crop_area
+  ):
     return None
   return index, box, scale, flip, patch, alpha
 
@@ -208,13 +235,26 @@ def _finish(pasted, host_objects, index, scale, flip, x, y, rng, cfg, exclude=No
   image, written = paste(host, patch, alpha, x, y, occluder)
   if np.count_nonzero(written) < cfg.min_area:
     return None
-  return Forgery(image=image, mask=written.astype(np.uint8) * np.uint8(255),
-                 object_index=index, scale=scale, flip=flip, x=x, y=y, occluded=occluded)
+  return Forgery(
+    image=image,
+    mask=written.astype(np.uint8) * np.uint8(255),
+    object_index=index,
+    scale=scale,
+    flip=flip,
+    x=x,
+    y=y,
+    occluded=occluded,
+  )
 
 
-def splice(host: np.ndarray, donor: np.ndarray, donor_instances: np.ndarray,
-           rng: np.random.Generator, cfg: InstanceForgeryConfig = InstanceForgeryConfig(),
-           host_instances: np.ndarray | None = None) -> Forgery | None:
+def splice(
+  host: np.ndarray,
+  donor: np.ndarray,
+  donor_instances: np.ndarray,
+  rng: np.random.Generator,
+  cfg: InstanceForgeryConfig = InstanceForgeryConfig(),
+  host_instances: np.ndarray | None = None,
+) -> Forgery | None:
   """Pastes an object of `donor` into `host` (rules 1-6 of the module docstring).
 
   Args:
@@ -236,13 +276,18 @@ def splice(host: np.ndarray, donor: np.ndarray, donor_instances: np.ndarray,
   index, _, scale, flip, patch, alpha = chosen
   x = int(rng.integers(width)) - patch.shape[1] // 2
   y = int(rng.integers(height)) - patch.shape[0] // 2
-  host_objects = (np.zeros((0, height, width), np.uint8) if host_instances is None
-                  else _as_uint8(host_instances))
+  host_objects = (
+    np.zeros((0, height, width), np.uint8) if host_instances is None else _as_uint8(host_instances)
+  )
   return _finish((host, patch, alpha), host_objects, index, scale, flip, x, y, rng, cfg)
 
 
-def copy_move(image: np.ndarray, instances: np.ndarray, rng: np.random.Generator,
-              cfg: InstanceForgeryConfig = InstanceForgeryConfig()) -> Forgery | None:
+def copy_move(
+  image: np.ndarray,
+  instances: np.ndarray,
+  rng: np.random.Generator,
+  cfg: InstanceForgeryConfig = InstanceForgeryConfig(),
+) -> Forgery | None:
   """Copies an object of `image` to a place that does not meet its own box (rules 1-6).
 
   Args:
@@ -272,8 +317,9 @@ def copy_move(image: np.ndarray, instances: np.ndarray, rng: np.random.Generator
       break
   else:
     return None
-  return _finish((image, patch, alpha), instances, index, scale, flip, x, y, rng, cfg,
-                 exclude=index)
+  return _finish(
+    (image, patch, alpha), instances, index, scale, flip, x, y, rng, cfg, exclude=index
+  )
 
 
 class InstanceForgerySource:
@@ -287,20 +333,29 @@ class InstanceForgerySource:
   'host_image', the crop before the paste (for `miml-jax data show`).
   """
 
-  def __init__(self, instances, mode: str, crop_size: int, seed: int, split_id: int,
-               config: InstanceForgeryConfig = InstanceForgeryConfig(),
-               resize_range: tuple[float, float] = (1.0, 1.5), keep_host: bool = False):
+  def __init__(
+    self,
+    instances,
+    mode: str,
+    crop_size: int,
+    seed: int,
+    split_id: int,
+    config: InstanceForgeryConfig = InstanceForgeryConfig(),
+    resize_range: tuple[float, float] = (1.0, 1.5),
+    keep_host: bool = False,
+  ):
     if mode not in MODES:
       raise UserInputError(f"instance forgery mode {mode!r}: expected one of {', '.join(MODES)}")
-    if (not isinstance(crop_size, (int, np.integer)) or isinstance(crop_size, bool) or
-        crop_size < 1):
+    if not isinstance(crop_size, (int, np.integer)) or isinstance(crop_size, bool) or crop_size < 1:
       raise UserInputError(f"crop_size: expected a positive int, got {crop_size!r}")
     low, high = (float(v) for v in resize_range)
     if not 0 < low <= high:
       raise UserInputError(f"resize_range: expected 0 < low <= high, got {resize_range!r}")
     if mode == "splice" and len(instances) < 2:
-      raise UserInputError(f"{instances!r}: splicing needs at least 2 images with objects (a "
-                           f"donor other than the host), got {len(instances)}")
+      raise UserInputError(
+        f"{instances!r}: splicing needs at least 2 images with objects (a "
+        f"donor other than the host), got {len(instances)}"
+      )
     self.instances, self.mode = instances, mode
     self.crop_size, self.resize_range = int(crop_size), (low, high)
     self.seed, self.split_id = int(seed), int(split_id)
@@ -315,33 +370,43 @@ class InstanceForgerySource:
     rng = np.random.default_rng([self.seed, self.split_id, _MODE_STREAMS[self.mode], index])
     host = self.instances[index]
     size = self.crop_size
-    image, objects = coco.random_resize(host["image"], host["instances"], rng, size,
-                                        self.resize_range)
+    image, objects = coco.random_resize(
+      host["image"], host["instances"], rng, size, self.resize_range
+    )
     image, objects = coco.pad_to_crop(image, objects, size)
     for _ in range(self.config.max_attempts):
       y = int(rng.integers(0, image.shape[0] - size + 1))
       x = int(rng.integers(0, image.shape[1] - size + 1))
-      crop = np.ascontiguousarray(image[y:y + size, x:x + size])
-      crop_objects = objects[:, y:y + size, x:x + size]
+      crop = np.ascontiguousarray(image[y : y + size, x : x + size])
+      crop_objects = objects[:, y : y + size, x : x + size]
       if self.mode == "splice":
         # Any image but the host, uniformly.
         donor_index = (index + 1 + int(rng.integers(len(self) - 1))) % len(self)
         donor = self.instances[donor_index]
         donor_image, donor_objects = coco.random_resize(
-            donor["image"], donor["instances"], rng, size, self.resize_range)
+          donor["image"], donor["instances"], rng, size, self.resize_range
+        )
         result = splice(crop, donor_image, donor_objects, rng, self.config, crop_objects)
         donor_name = donor["name"]
       else:
         result = copy_move(crop, crop_objects, rng, self.config)
         donor_name = host["name"]
       if result is not None:
-        sample = {"image": result.image, "mask": result.mask, "kind": self.mode,
-                  "donor": donor_name}
+        sample = {
+          "image": result.image,
+          "mask": result.mask,
+          "kind": self.mode,
+          "donor": donor_name,
+        }
         break
     else:
       self.fallback_count += 1
-      sample = {"image": crop, "mask": np.zeros((size, size), np.uint8), "kind": "authentic",
-                "donor": ""}
+      sample = {
+        "image": crop,
+        "mask": np.zeros((size, size), np.uint8),
+        "kind": "authentic",
+        "donor": "",
+      }
     # A new composite, held losslessly: not a JPEG file any more.
     sample.update(id=host["name"], is_jpeg=False)
     if self.keep_host:

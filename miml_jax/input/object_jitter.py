@@ -1,4 +1,4 @@
-"""Object Jitter (METHODS.md section 4): a manipulation made from one image, with no donor.
+"""Object Jitter (see docs/methods.md): a manipulation made from one image, with no donor.
 
 An object of the image is cut out by its instance mask, enlarged by about 12.5% and pasted back
 over itself. The pasted object sits where the real one was and has its colours, so the only
@@ -53,6 +53,7 @@ from miml_jax.errors import UserInputError
 @dataclasses.dataclass(frozen=True)
 class ObjectJitterConfig:
   """Object Jitter's parameters; the defaults are the spec's (see the module docstring)."""
+
   min_side: int = 8
   min_area: int = 256
   # What min_area is compared with: "mask" (the object's pixel count) or "box" (w * h).
@@ -79,33 +80,42 @@ class ObjectJitterConfig:
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
         raise UserInputError(f"object_jitter.{name}: expected a non-negative int, got {value!r}")
-    if (not isinstance(self.max_attempts, (int, np.integer)) or isinstance(self.max_attempts, bool)
-        or self.max_attempts < 1):
+    if (
+      not isinstance(self.max_attempts, (int, np.integer))
+      or isinstance(self.max_attempts, bool)
+      or self.max_attempts < 1
+    ):
       raise UserInputError(
-          f"object_jitter.max_attempts: expected a positive int, got {self.max_attempts!r}")
+        f"object_jitter.max_attempts: expected a positive int, got {self.max_attempts!r}"
+      )
     for name in ("blur_prob", "second_prob", "max_tampered_fraction"):
       value = getattr(self, name)
       if not 0.0 <= value <= 1.0:
         raise UserInputError(f"object_jitter.{name}: expected a value in [0, 1], got {value!r}")
     if self.enlarge_ratio < 0:
       raise UserInputError(
-          f"object_jitter.enlarge_ratio: expected a non-negative value, got {self.enlarge_ratio!r}")
+        f"object_jitter.enlarge_ratio: expected a non-negative value, got {self.enlarge_ratio!r}"
+      )
     if self.area_of not in ("mask", "box"):
       raise UserInputError(f"object_jitter.area_of: expected 'mask' or 'box', got {self.area_of!r}")
     if self.second_disjoint not in ("extent", "box"):
-      raise UserInputError(f"object_jitter.second_disjoint: expected 'extent' or 'box', "
-                           f"got {self.second_disjoint!r}")
+      raise UserInputError(
+        f"object_jitter.second_disjoint: expected 'extent' or 'box', got {self.second_disjoint!r}"
+      )
     if list(self.blur_thresholds) != sorted(self.blur_thresholds):
       raise UserInputError(
-          f"object_jitter.blur_thresholds: expected increasing sizes, got {self.blur_thresholds!r}")
+        f"object_jitter.blur_thresholds: expected increasing sizes, got {self.blur_thresholds!r}"
+      )
     if len(self.blur_kernels) != len(self.blur_thresholds) + 1:
       raise UserInputError(
-          f"object_jitter.blur_kernels: expected {len(self.blur_thresholds) + 1} kernel sizes "
-          f"(one more than blur_thresholds), got {len(self.blur_kernels)}")
+        f"object_jitter.blur_kernels: expected {len(self.blur_thresholds) + 1} kernel sizes "
+        f"(one more than blur_thresholds), got {len(self.blur_kernels)}"
+      )
     for k in self.blur_kernels:
       if k != 0 and (k < 0 or k % 2 == 0):
         raise UserInputError(
-            f"object_jitter.blur_kernels: kernel sizes must be 0 (no blur) or odd, got {k!r}")
+          f"object_jitter.blur_kernels: kernel sizes must be 0 (no blur) or odd, got {k!r}"
+        )
 
   @classmethod
   def from_config(cls, config) -> "ObjectJitterConfig":
@@ -124,7 +134,7 @@ def _qualifying(instance_masks: np.ndarray, cfg: ObjectJitterConfig) -> list[tup
     x, y, w, h = cv2.boundingRect(mask)
     if w < cfg.min_side or h < cfg.min_side:
       continue
-    area = w * h if cfg.area_of == "box" else cv2.countNonZero(mask[y:y + h, x:x + w])
+    area = w * h if cfg.area_of == "box" else cv2.countNonZero(mask[y : y + h, x : x + w])
     if area >= cfg.min_area:
       out.append((index, (x, y, w, h)))
   return out
@@ -136,8 +146,12 @@ def _extent(box: tuple, height: int, width: int, ratio: float) -> tuple[tuple, t
   # Python's round, as in the spec; centred because the growth is 2 * pad on each axis.
   pad_x, pad_y = round(w * ratio), round(h * ratio)
   big = (x - pad_x, y - pad_y, w + 2 * pad_x, h + 2 * pad_y)
-  clipped = (max(0, big[0]), max(0, big[1]), min(width, big[0] + big[2]),
-             min(height, big[1] + big[3]))
+  clipped = (
+    max(0, big[0]),
+    max(0, big[1]),
+    min(width, big[0] + big[2]),
+    min(height, big[1] + big[3]),
+  )
   return big, clipped
 
 
@@ -146,15 +160,24 @@ def _meets(a: tuple, b: tuple) -> bool:
   return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def _jitter_one(image: np.ndarray, mask: np.ndarray, instance: np.ndarray, box: tuple,
-                rng: np.random.Generator, cfg: ObjectJitterConfig):
+def _jitter_one(
+  image: np.ndarray,
+  mask: np.ndarray,
+  instance: np.ndarray,
+  box: tuple,
+  rng: np.random.Generator,
+  cfg: ObjectJitterConfig,
+):
   """Pastes the enlarged object over itself, in place on `image` and `mask` (uint8 0/255)."""
   height, width = image.shape[:2]
   x, y, w, h = box
   (bx, by, bw, bh), (x0, y0, x1, y1) = _extent(box, height, width, cfg.enlarge_ratio)
-  patch = cv2.resize(image[y:y + h, x:x + w], (bw, bh), interpolation=cv2.INTER_LINEAR)
-  alpha = cv2.resize((instance[y:y + h, x:x + w] != 0).astype(np.float32), (bw, bh),
-                     interpolation=cv2.INTER_LINEAR)
+  patch = cv2.resize(image[y : y + h, x : x + w], (bw, bh), interpolation=cv2.INTER_LINEAR)
+  alpha = cv2.resize(
+    (instance[y : y + h, x : x + w] != 0).astype(np.float32),
+    (bw, bh),
+    interpolation=cv2.INTER_LINEAR,
+  )
   if rng.random() < cfg.blur_prob:
     kernel = blur_kernel_size(min(w, h), cfg)
     if kernel:
@@ -167,8 +190,12 @@ def _jitter_one(image: np.ndarray, mask: np.ndarray, instance: np.ndarray, box: 
   mask[region][a > 0.5] = 255
 
 
-def object_jitter(image: np.ndarray, instance_masks: np.ndarray, rng: np.random.Generator,
-                  cfg: ObjectJitterConfig = ObjectJitterConfig()):
+def object_jitter(
+  image: np.ndarray,
+  instance_masks: np.ndarray,
+  rng: np.random.Generator,
+  cfg: ObjectJitterConfig = ObjectJitterConfig(),
+):
   """Jitters one or two objects of a crop: (uint8 image, uint8 mask in {0, 255}) or None.
 
   Args:
@@ -198,8 +225,12 @@ def object_jitter(image: np.ndarray, instance_masks: np.ndarray, rng: np.random.
     if cfg.second_disjoint == "extent":
       region = _extent(other_box, height, width, cfg.enlarge_ratio)[1]
     else:
-      region = (other_box[0], other_box[1], other_box[0] + other_box[2],
-                other_box[1] + other_box[3])
+      region = (
+        other_box[0],
+        other_box[1],
+        other_box[0] + other_box[2],
+        other_box[1] + other_box[3],
+      )
     if not _meets(region, first):
       others.append((other, other_box))
   if len(others) > cfg.second_min_count and rng.random() < cfg.second_prob:

@@ -23,6 +23,18 @@ Source strings:
   coco_copymove:PATH        synthetic copy-moves: an object copied within the image; both
                             deterministic per (seed, index), see instance_forgery.py
 
+Pair sources (samples {'authentic', 'forged', 'mask' in the forged frame, 'has_mask', 'id',
+'is_jpeg', ...} instead of an image; see pairs.py):
+  pairs:/path/to/root       real pairs in the CAAA layout: root/<pair_id>/0.<ext> authentic,
+                            1.<ext> forged, optional mask.<ext> (no mask: has_mask False)
+  tfds:/abs/path/ciml_pairs a built datasets/ciml_pairs (any tfds: name whose dataset has
+                            'authentic' and 'forged' features): the same samples as pairs:
+  coco_spg:PATH             synthetic SPG pairs, a COCO object recoloured, removed (inpainted)
+                            or replaced in place; PATH as for coco: (recipe: data.spg)
+  pair_synth:/path/photos   the CAAA pair classifier's self-supervised pairs from any folder of
+                            photos (recursively), with same_source, aligned and box labels
+                            (recipe: data.pair_synth)
+
 Mixtures join sources with '+' (as TFDS joins splits), each optionally repeated `*N` times per
 epoch, e.g. the paper's training mix:
 
@@ -57,15 +69,20 @@ class SyntheticSource:
 
   def __init__(self, split: str, num_examples: int | None, image_size: int, seed: int):
     self._data = synthetic.SyntheticForgeries(
-        split=split, num_examples=num_examples, image_size=image_size, seed=seed)
+      split=split, num_examples=num_examples, image_size=image_size, seed=seed
+    )
 
   def __len__(self) -> int:
     return len(self._data)
 
   def __getitem__(self, index: int) -> dict:
     sample = self._data[index]
-    return {"image": sample["image"], "mask": sample["mask"] * np.uint8(255),
-            "id": sample["id"], "is_jpeg": False}
+    return {
+      "image": sample["image"],
+      "mask": sample["mask"] * np.uint8(255),
+      "id": sample["id"],
+      "is_jpeg": False,
+    }
 
 
 class FolderSource:
@@ -80,8 +97,10 @@ class FolderSource:
     self.images = io.list_images(image_dir)
     if not self.images:
       raise UserInputError(f"{image_dir}: no images (extensions {', '.join(io.IMAGE_EXTENSIONS)})")
-    masks_by_stem = {os.path.splitext(os.path.basename(p))[0]: p
-                     for p in (io.list_images(mask_dir) if os.path.isdir(mask_dir) else [])}
+    masks_by_stem = {
+      os.path.splitext(os.path.basename(p))[0]: p
+      for p in (io.list_images(mask_dir) if os.path.isdir(mask_dir) else [])
+    }
     self.masks = []
     kept = []
     for path in self.images:
@@ -105,8 +124,12 @@ class FolderSource:
     image_path, mask_path = self.images[index], self.masks[index]
     image, mask = io.read_image(image_path), io.read_mask(mask_path)
     io.check_same_size(image, mask, image_path, mask_path)
-    return {"image": image, "mask": mask, "id": os.path.relpath(image_path, self.root),
-            "is_jpeg": image_path.lower().endswith((".jpg", ".jpeg"))}
+    return {
+      "image": image,
+      "mask": mask,
+      "id": os.path.relpath(image_path, self.root),
+      "is_jpeg": image_path.lower().endswith((".jpg", ".jpeg")),
+    }
 
 
 class BencoSource:
@@ -123,8 +146,11 @@ class BencoSource:
   def __init__(self, path: str, skip_missing_masks: bool = False):
     self.root = path
     self.skipped: list[str] = []
-    self.pairs = (self._read_list(path) if os.path.isfile(path)
-                  else self._pair_folders(path, skip_missing_masks))
+    self.pairs = (
+      self._read_list(path)
+      if os.path.isfile(path)
+      else self._pair_folders(path, skip_missing_masks)
+    )
     if not self.pairs:
       raise UserInputError(f"{path}: no image has a mask")
 
@@ -138,10 +164,14 @@ class BencoSource:
     base = os.path.dirname(os.path.abspath(path))
     pairs = []
     for number, entry in enumerate(entries if isinstance(entries, list) else [None]):
-      if not (isinstance(entry, (list, tuple)) and len(entry) == 2
-              and all(isinstance(v, str) for v in entry)):
-        raise UserInputError(f"{path}: entry {number} is {entry!r}; expected "
-                             f"[image_path, mask_path or \"Negative\"]")
+      if not (
+        isinstance(entry, (list, tuple))
+        and len(entry) == 2
+        and all(isinstance(v, str) for v in entry)
+      ):
+        raise UserInputError(
+          f'{path}: entry {number} is {entry!r}; expected [image_path, mask_path or "Negative"]'
+        )
       image, mask = (os.path.join(base, os.path.expanduser(v)) for v in entry)
       pairs.append((image, None if entry[1] == "Negative" else mask))
     return pairs
@@ -175,9 +205,13 @@ class BencoSource:
     else:
       mask = io.read_mask(mask_path)
       io.check_same_size(image, mask, image_path, mask_path)
-    return {"image": image, "mask": mask, "id": os.path.basename(image_path),
-            "is_jpeg": image_path.lower().endswith((".jpg", ".jpeg")),
-            "is_authentic": mask_path is None}
+    return {
+      "image": image,
+      "mask": mask,
+      "id": os.path.basename(image_path),
+      "is_jpeg": image_path.lower().endswith((".jpg", ".jpeg")),
+      "is_authentic": mask_path is None,
+    }
 
 
 class TfdsSource:
@@ -190,20 +224,32 @@ class TfdsSource:
 
   def __init__(self, directory: str, split: str, name: str):
     import tensorflow_datasets as tfds  # Only when a tfds: source is used.
+
     self.name = name
-    versions = sorted((v for v in (os.listdir(directory) if os.path.isdir(directory) else [])
-                       if re.fullmatch(r"\d+\.\d+\.\d+", v)),
-                      key=lambda v: tuple(map(int, v.split("."))))
+    versions = sorted(
+      (
+        v
+        for v in (os.listdir(directory) if os.path.isdir(directory) else [])
+        if re.fullmatch(r"\d+\.\d+\.\d+", v)
+      ),
+      key=lambda v: tuple(map(int, v.split("."))),
+    )
     if not versions:
-      raise UserInputError(f"{directory}: no built dataset here; build it with `miml-jax data "
-                           f"build NAME --config CONFIG --manual-dir DIR` (datasets/README.md)")
+      raise UserInputError(
+        f"{directory}: no built dataset here; build it with `miml-jax data "
+        f"build NAME --config CONFIG --manual-dir DIR` (datasets/README.md)"
+      )
     builder = tfds.builder_from_directory(os.path.join(directory, versions[-1]))
     if split not in builder.info.splits:
-      raise UserInputError(f"{name}: no split '{split}' (has {', '.join(builder.info.splits)});"
-                           f" name one with {name}@SPLIT")
+      raise UserInputError(
+        f"{name}: no split '{split}' (has {', '.join(builder.info.splits)});"
+        f" name one with {name}@SPLIT"
+      )
     # Raw records (bytes and scalars), e.g. for coco_instances, whose readers decode them.
     self.records = builder.as_data_source(split)
     self.has_masks = "mask" in builder.info.features
+    # datasets/ciml_pairs and the like hold pairs, read by pairs.BuiltPairSource instead.
+    self.is_pairs = all(key in builder.info.features for key in ("authentic", "forged"))
 
   def __len__(self) -> int:
     return len(self.records)
@@ -297,38 +343,66 @@ class SkipUnreadable:
         continue
       sample["skipped"] = "\n".join(messages)
       return sample
-    raise UserInputError(f"data.on_error='skip': {len(messages)} examples in a row from index "
-                         f"{index} cannot be read; the last: {messages[-1]}")
+    raise UserInputError(
+      f"data.on_error='skip': {len(messages)} examples in a row from index "
+      f"{index} cannot be read; the last: {messages[-1]}"
+    )
 
 
 _REPEAT = re.compile(r"^(.*?)\*(\d+)$")
 
 
-def make_source(spec: str, split: str, *, image_size: int = 128, seed: int = 0,
-                on_error: str = "raise", for_training: bool = False,
-                object_jitter=None, instance_forgery=None):
+def make_source(
+  spec: str,
+  split: str,
+  *,
+  image_size: int = 128,
+  seed: int = 0,
+  on_error: str = "raise",
+  for_training: bool = False,
+  object_jitter=None,
+  instance_forgery=None,
+  spg=None,
+  pair_synth=None,
+):
   """Builds the source or mixture a config string names (see the module docstring).
 
-  object_jitter / instance_forgery: settings (dicts, e.g. `data.object_jitter`) of the COCO
-  forgery sources' recipes (ObjectJitterConfig, InstanceForgeryConfig); None: the defaults.
+  object_jitter / instance_forgery / spg / pair_synth: settings (dicts, e.g.
+  `data.object_jitter`) of the synthetic sources' recipes (ObjectJitterConfig,
+  InstanceForgeryConfig, pairs.SPGConfig, pairs.PairSynthConfig); None: the defaults.
   """
   if on_error not in ("raise", "skip"):
     raise UserInputError(f"data.on_error='{on_error}': expected 'raise' or 'skip'")
-  settings = _Settings(image_size, seed, on_error == "skip", dict(object_jitter or {}),
-                       dict(instance_forgery or {}))
+  settings = _Settings(
+    image_size,
+    seed,
+    on_error == "skip",
+    dict(object_jitter or {}),
+    dict(instance_forgery or {}),
+    dict(spg or {}),
+    dict(pair_synth or {}),
+  )
   source = _make_source(spec, split, settings)
   return SkipUnreadable(source, replace=for_training) if on_error == "skip" else source
 
 
-def source_from_config(spec: str, split: str, data_config, for_training: bool = False,
-                       on_error: str | None = None):
+def source_from_config(
+  spec: str, split: str, data_config, for_training: bool = False, on_error: str | None = None
+):
   """make_source with the settings of a config's `data` block (image_size, seed, on_error
-  unless given, object_jitter, instance_forgery)."""
-  return make_source(spec, split, image_size=data_config.image_size, seed=data_config.seed,
-                     on_error=on_error or data_config.get("on_error", "raise"),
-                     for_training=for_training,
-                     object_jitter=data_config.get("object_jitter"),
-                     instance_forgery=data_config.get("instance_forgery"))
+  unless given, object_jitter, instance_forgery, spg, pair_synth)."""
+  return make_source(
+    spec,
+    split,
+    image_size=data_config.image_size,
+    seed=data_config.seed,
+    on_error=on_error or data_config.get("on_error", "raise"),
+    for_training=for_training,
+    object_jitter=data_config.get("object_jitter"),
+    instance_forgery=data_config.get("instance_forgery"),
+    spg=data_config.get("spg"),
+    pair_synth=data_config.get("pair_synth"),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,6 +412,8 @@ class _Settings:
   skip: bool  # data.on_error='skip': sources leave out what they cannot pair (and say so).
   object_jitter: dict
   instance_forgery: dict
+  spg: dict = dataclasses.field(default_factory=dict)
+  pair_synth: dict = dataclasses.field(default_factory=dict)
 
 
 def _make_source(spec: str, split: str, settings: _Settings):
@@ -349,8 +425,10 @@ def _make_source(spec: str, split: str, settings: _Settings):
     match = _REPEAT.match(item)
     name, repeat = (match.group(1).strip(), int(match.group(2))) if match else (item, 1)
     if not name or repeat < 1 or "*" in name:
-      raise UserInputError(f"data source '{spec}': cannot read '{item}' (expected SOURCE or "
-                           f"SOURCE*N with N >= 1, joined by '+')")
+      raise UserInputError(
+        f"data source '{spec}': cannot read '{item}' (expected SOURCE or "
+        f"SOURCE*N with N >= 1, joined by '+')"
+      )
     source = _make_one(name, split, settings)
     if len(source) == 0:
       raise UserInputError(f"data source '{spec}': {name} has no examples")
@@ -370,21 +448,48 @@ def _make_one(spec: str, split: str, settings: _Settings):
     return FolderSource(os.path.expanduser(arg), skip_missing_masks=skip)
   if kind == "benco":
     if not arg:
-      raise UserInputError(f"data source '{spec}': give a path, benco:/path/to/dataset or "
-                           f"benco:/path/to/list.json")
+      raise UserInputError(
+        f"data source '{spec}': give a path, benco:/path/to/dataset or benco:/path/to/list.json"
+      )
     return BencoSource(os.path.expanduser(arg), skip_missing_masks=skip)
   if kind == "tfds":
     if not arg:
       raise UserInputError(f"data source '{spec}': give a dataset, tfds:NAME/CONFIG")
     source = _tfds_source(arg, split)
+    if source.is_pairs:
+      from miml_jax.input import pairs
+
+      return pairs.BuiltPairSource(source.records, source.name)
     if not source.has_masks:
-      raise UserInputError(f"{source.name}: this dataset has no 'mask' feature; a coco_instances "
-                           f"dataset is read through coco:{arg} (or coco_splice:, coco_copymove:)")
+      raise UserInputError(
+        f"{source.name}: this dataset has no 'mask' feature; a coco_instances "
+        f"dataset is read through coco:{arg} (or coco_splice:, coco_copymove:)"
+      )
     return source
-  if kind in ("coco", "coco_splice", "coco_copymove"):
+  if kind in ("pairs", "pair_synth"):
     if not arg:
-      raise UserInputError(f"data source '{spec}': give a path, {kind}:/path/to/coco or "
-                           f"{kind}:tfds:coco_instances")
+      raise UserInputError(
+        f"data source '{spec}': give a path, {kind}:/path/to/"
+        f"{'root' if kind == 'pairs' else 'photos'}"
+      )
+    from miml_jax.input import pairs
+
+    if kind == "pairs":
+      return pairs.PairFolderSource(os.path.expanduser(arg), skip=skip)
+    # Training and validation pairs come from disjoint photos (PairSynthConfig.holdout).
+    return pairs.PairSynthSource(
+      os.path.expanduser(arg),
+      image_size,
+      seed,
+      synthetic.SPLIT_IDS.get(split, 0),
+      config=pairs.PairSynthConfig.from_config(settings.pair_synth),
+      holdout_split=split != "train",
+    )
+  if kind in ("coco", "coco_splice", "coco_copymove", "coco_spg"):
+    if not arg:
+      raise UserInputError(
+        f"data source '{spec}': give a path, {kind}:/path/to/coco or {kind}:tfds:coco_instances"
+      )
     # grain and the COCO index only when asked for.
     from miml_jax.input import coco, instance_forgery
 
@@ -396,13 +501,34 @@ def _make_one(spec: str, split: str, settings: _Settings):
     split_id = synthetic.SPLIT_IDS.get(split, 0)
     if kind == "coco":
       from miml_jax.input.object_jitter import ObjectJitterConfig
+
       return coco.ObjectJitterSource(
-          instances, crop_size=image_size, seed=seed, split_id=split_id,
-          config=ObjectJitterConfig.from_config(settings.object_jitter))
+        instances,
+        crop_size=image_size,
+        seed=seed,
+        split_id=split_id,
+        config=ObjectJitterConfig.from_config(settings.object_jitter),
+      )
+    if kind == "coco_spg":
+      from miml_jax.input import pairs
+
+      return pairs.SPGSource(
+        instances,
+        crop_size=image_size,
+        seed=seed,
+        split_id=split_id,
+        config=pairs.SPGConfig.from_config(settings.spg),
+      )
     return instance_forgery.InstanceForgerySource(
-        instances, "splice" if kind == "coco_splice" else "copy_move", crop_size=image_size,
-        seed=seed, split_id=split_id,
-        config=instance_forgery.InstanceForgeryConfig.from_config(settings.instance_forgery))
+      instances,
+      "splice" if kind == "coco_splice" else "copy_move",
+      crop_size=image_size,
+      seed=seed,
+      split_id=split_id,
+      config=instance_forgery.InstanceForgeryConfig.from_config(settings.instance_forgery),
+    )
   raise UserInputError(
-      f"data source '{spec}': unknown kind '{kind}' (known: synthetic, folder:PATH, benco:PATH, "
-      f"tfds:NAME/CONFIG, coco:PATH, coco_splice:PATH, coco_copymove:PATH)")
+    f"data source '{spec}': unknown kind '{kind}' (known: synthetic, folder:PATH, benco:PATH, "
+    f"tfds:NAME/CONFIG, coco:PATH, coco_splice:PATH, coco_copymove:PATH, pairs:PATH, "
+    f"coco_spg:PATH, pair_synth:PATH)"
+  )

@@ -36,10 +36,10 @@ round a few pixels differently (OpenCV's SIMD code paths differ), which does not
 training.
 """
 
+from collections.abc import Sequence
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import cv2
@@ -87,8 +87,9 @@ def _gaussian(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
   """JPEG round trip of a uint8 RGB image at `quality`."""
   # OpenCV assumes BGR; swapping keeps the luma / chroma split (and its subsampling) right.
-  ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                          [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+  ok, data = cv2.imencode(
+    ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+  )
   if not ok:
     raise RuntimeError("OpenCV could not encode a JPEG")
   return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
@@ -113,6 +114,7 @@ def _colourize(grey: np.ndarray, offset: np.ndarray, scale: np.ndarray) -> np.nd
 @dataclasses.dataclass(frozen=True)
 class _Style:
   """What two scenes of one image share, so a splice donor looks like its host."""
+
   palette: np.ndarray  # (K, 3) float32 RGB colours.
   texture_amplitude: float  # Grey levels of the background texture.
   persistence: float  # Amplitude ratio between successive texture octaves (roughness).
@@ -121,6 +123,7 @@ class _Style:
 @dataclasses.dataclass(frozen=True)
 class _Camera:
   """One simulated camera pipeline (all on the 0-255 scale)."""
+
   noise_sigma: float
   blur_sigma: float  # 0 means no blur.
   jpeg_quality: int
@@ -132,14 +135,20 @@ def _sample_style(rng: np.random.Generator) -> _Style:
   # the same colour family, so a region cannot be found by its colour.
   spread = rng.uniform(12.0, 40.0)
   palette = np.clip(base + rng.normal(0.0, spread, size=(5, 3)), 15.0, 240.0)
-  return _Style(palette=palette.astype(np.float32), texture_amplitude=rng.uniform(8.0, 35.0),
-                persistence=rng.uniform(0.45, 0.7))
+  return _Style(
+    palette=palette.astype(np.float32),
+    texture_amplitude=rng.uniform(8.0, 35.0),
+    persistence=rng.uniform(0.45, 0.7),
+  )
 
 
 def _sample_camera(rng: np.random.Generator) -> _Camera:
   blur = rng.uniform(0.3, 0.6) if rng.random() < 0.2 else 0.0
-  return _Camera(noise_sigma=float(np.exp(rng.uniform(np.log(1.5), np.log(5.0)))),
-                 blur_sigma=blur, jpeg_quality=int(rng.integers(80, 96)))
+  return _Camera(
+    noise_sigma=float(np.exp(rng.uniform(np.log(1.5), np.log(5.0)))),
+    blur_sigma=blur,
+    jpeg_quality=int(rng.integers(80, 96)),
+  )
 
 
 def _contrasting_camera(rng: np.random.Generator, host: _Camera) -> _Camera:
@@ -164,8 +173,9 @@ def _contrasting_camera(rng: np.random.Generator, host: _Camera) -> _Camera:
   return _Camera(noise_sigma=sigma, blur_sigma=blur, jpeg_quality=quality)
 
 
-def _value_noise(rng: np.random.Generator, height: int, width: int, channels: int,
-                 persistence: float) -> np.ndarray:
+def _value_noise(
+  rng: np.random.Generator, height: int, width: int, channels: int, persistence: float
+) -> np.ndarray:
   """Multi-octave value noise, float32 (H, W, channels), roughly unit variance.
 
   Octaves go from cells of half the image down to 4 pixels. They are summed on a pyramid of
@@ -183,11 +193,11 @@ def _value_noise(rng: np.random.Generator, height: int, width: int, channels: in
   for cell in cells:
     grid_h = max(2, int(round(height / cell)) + 1)
     grid_w = max(2, int(round(width / cell)) + 1)
-    grid = rng.standard_normal((grid_h, grid_w, channels), dtype=np.float32) * np.float32(
-        amplitude)
+    grid = rng.standard_normal((grid_h, grid_w, channels), dtype=np.float32) * np.float32(amplitude)
     if accumulated is not None:
-      grid += cv2.resize(accumulated, (grid_w, grid_h),
-                         interpolation=cv2.INTER_CUBIC).reshape(grid.shape)
+      grid += cv2.resize(accumulated, (grid_w, grid_h), interpolation=cv2.INTER_CUBIC).reshape(
+        grid.shape
+      )
     accumulated = grid
     total += amplitude**2
     amplitude *= persistence
@@ -200,8 +210,13 @@ _BLOB_COS, _BLOB_SIN = np.cos(_BLOB_ANGLES), np.sin(_BLOB_ANGLES)
 _BLOB_HARMONICS = np.arange(1, 5)[:, None]
 
 
-def _random_shape(rng: np.random.Generator, height: int, width: int, area: float,
-                  center: tuple[float, float] | None = None) -> np.ndarray:
+def _random_shape(
+  rng: np.random.Generator,
+  height: int,
+  width: int,
+  area: float,
+  center: tuple[float, float] | None = None,
+) -> np.ndarray:
   """A filled shape of about `area` pixels as a uint8 (H, W) mask in {0, 255}.
 
   One of: a blob (a polygon whose radius is a smooth random function of the angle), an
@@ -220,16 +235,18 @@ def _random_shape(rng: np.random.Generator, height: int, width: int, area: float
     # A few low harmonics of the angle give a smooth, irregular outline (no blur needed).
     weights = rng.uniform(-0.25, 0.25, size=(4, 1)) / _BLOB_HARMONICS
     phases = rng.uniform(0.0, 2 * np.pi, size=(4, 1))
-    radii = radius * (1.0 + np.sum(weights * np.cos(_BLOB_HARMONICS * _BLOB_ANGLES + phases),
-                                   axis=0))
+    radii = radius * (
+      1.0 + np.sum(weights * np.cos(_BLOB_HARMONICS * _BLOB_ANGLES + phases), axis=0)
+    )
     points = np.stack([cx + radii * _BLOB_COS, cy + radii * _BLOB_SIN], axis=1)
     cv2.fillPoly(canvas, [np.round(points).astype(np.int32)], 255)
   elif form == 1:
     ratio = rng.uniform(0.4, 1.0)
     axis_a = radius / math.sqrt(ratio)
     axes = (max(1, int(round(axis_a))), max(1, int(round(axis_a * ratio))))
-    cv2.ellipse(canvas, (int(round(cx)), int(round(cy))), axes, rng.uniform(0.0, 180.0), 0.0,
-                360.0, 255, -1)
+    cv2.ellipse(
+      canvas, (int(round(cx)), int(round(cy))), axes, rng.uniform(0.0, 180.0), 0.0, 360.0, 255, -1
+    )
   else:
     ratio = rng.uniform(0.35, 1.0)
     side = math.sqrt(area / ratio)
@@ -262,8 +279,9 @@ def _scene(rng: np.random.Generator, style: _Style, height: int, width: int) -> 
   # (numpy broadcasting over a trailing axis of 3 is slow).
   delta = palette[second] - palette[first]
   amplitude = style.texture_amplitude * tint
-  image = cv2.merge([
-      ramp * delta[c] + texture[:, :, 0] * amplitude[c] + palette[first][c] for c in range(3)])
+  image = cv2.merge(
+    [ramp * delta[c] + texture[:, :, 0] * amplitude[c] + palette[first][c] for c in range(3)]
+  )
   area = float(height * width)
   for _ in range(int(rng.integers(2, 7))):
     mask = _random_shape(rng, height, width, area * rng.uniform(0.01, 0.12))
@@ -286,8 +304,9 @@ def _scene(rng: np.random.Generator, style: _Style, height: int, width: int) -> 
     colour = palette[int(rng.integers(len(palette)))] * rng.uniform(0.6, 1.2)
     start = (int(rng.integers(width)), int(rng.integers(height)))
     end = (int(rng.integers(width)), int(rng.integers(height)))
-    cv2.line(image, start, end, tuple(float(c) for c in colour), int(rng.integers(1, 4)),
-             cv2.LINE_AA)
+    cv2.line(
+      image, start, end, tuple(float(c) for c in colour), int(rng.integers(1, 4)), cv2.LINE_AA
+    )
   return image
 
 
@@ -333,8 +352,9 @@ def _regions(rng: np.random.Generator, height: int, width: int) -> list[np.ndarr
     inside = [alpha >= 0.5 for alpha in alphas]
     fraction = np.count_nonzero(np.logical_or.reduce(inside)) / area
     # A region clipped away by the border would leave nothing to copy or blend.
-    if (MIN_TAMPERED_FRACTION <= fraction <= MAX_TAMPERED_FRACTION and
-        all(np.count_nonzero(m) >= 0.01 * area for m in inside)):
+    if MIN_TAMPERED_FRACTION <= fraction <= MAX_TAMPERED_FRACTION and all(
+      np.count_nonzero(m) >= 0.01 * area for m in inside
+    ):
       return alphas
   # Practically unreachable (20 failed draws in a row); a centred shape of a tenth of the image
   # lies (almost) entirely inside it, so its fraction is within bounds.
@@ -352,8 +372,13 @@ def _blend(base: np.ndarray, other: np.ndarray, alpha: np.ndarray) -> np.ndarray
   return out
 
 
-def _splice(rng: np.random.Generator, host: np.ndarray, style: _Style, camera: _Camera,
-            alphas: list[np.ndarray]) -> np.ndarray:
+def _splice(
+  rng: np.random.Generator,
+  host: np.ndarray,
+  style: _Style,
+  camera: _Camera,
+  alphas: list[np.ndarray],
+) -> np.ndarray:
   height, width = host.shape[:2]
   # The donor is larger by 8 pixels and cropped at an offset, so its JPEG 8x8 grid does not line
   # up with the host's (the usual trace of a spliced JPEG region).
@@ -368,7 +393,7 @@ def _splice(rng: np.random.Generator, host: np.ndarray, style: _Style, camera: _
   dy, dx = 0, 0
   while dy == 0 and dx == 0:
     dy, dx = (int(v) for v in rng.integers(0, 8, size=2))
-  donor = donor[dy:dy + height, dx:dx + width].astype(np.float32)
+  donor = donor[dy : dy + height, dx : dx + width].astype(np.float32)
   out = host
   for alpha in alphas:
     inside = (alpha >= 0.5).view(np.uint8)
@@ -380,8 +405,7 @@ def _splice(rng: np.random.Generator, host: np.ndarray, style: _Style, camera: _
   return out
 
 
-def _copy_move(rng: np.random.Generator, image: np.ndarray,
-               alphas: list[np.ndarray]) -> np.ndarray:
+def _copy_move(rng: np.random.Generator, image: np.ndarray, alphas: list[np.ndarray]) -> np.ndarray:
   height, width = image.shape[:2]
   out = image
   for alpha in alphas:
@@ -406,15 +430,20 @@ def _copy_move(rng: np.random.Generator, image: np.ndarray,
       interpolation = cv2.INTER_NEAREST
     # The map from a target pixel p to the source pixel it copies: linear @ (p - target) + source.
     matrix = np.concatenate([linear, (source - linear @ target)[:, None]], axis=1)
-    moved = cv2.warpAffine(image, matrix, (width, height),
-                           flags=interpolation | cv2.WARP_INVERSE_MAP,
-                           borderMode=cv2.BORDER_REFLECT_101)
+    moved = cv2.warpAffine(
+      image,
+      matrix,
+      (width, height),
+      flags=interpolation | cv2.WARP_INVERSE_MAP,
+      borderMode=cv2.BORDER_REFLECT_101,
+    )
     out = _blend(out, moved, alpha)
   return out
 
 
-def _local_edit(rng: np.random.Generator, image: np.ndarray, camera: _Camera,
-                alphas: list[np.ndarray]) -> np.ndarray:
+def _local_edit(
+  rng: np.random.Generator, image: np.ndarray, camera: _Camera, alphas: list[np.ndarray]
+) -> np.ndarray:
   out = image
   for alpha in alphas:
     # Added noise and heavy re-compression (traces that add high frequencies) are the most
@@ -435,8 +464,9 @@ def _local_edit(rng: np.random.Generator, image: np.ndarray, camera: _Camera,
   return out
 
 
-def generate_sample(rng: np.random.Generator, height: int,
-                    width: int) -> tuple[np.ndarray, np.ndarray, str]:
+def generate_sample(
+  rng: np.random.Generator, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, str]:
   """One forgery from `rng`: (uint8 RGB image, uint8 mask in {0, 1}, kind)."""
   style = _sample_style(rng)
   camera = _sample_camera(rng)
@@ -462,15 +492,18 @@ def generate_sample(rng: np.random.Generator, height: int,
 def _check_image_size(image_size: Any) -> tuple[int, int]:
   if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
     size = (int(image_size), int(image_size))
-  elif (isinstance(image_size, Sequence) and len(image_size) == 2 and
-        all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in image_size)):
+  elif (
+    isinstance(image_size, Sequence)
+    and len(image_size) == 2
+    and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in image_size)
+  ):
     size = (int(image_size[0]), int(image_size[1]))
   else:
-    raise UserInputError(
-        f"image_size: expected an int or (height, width), got {image_size!r}")
+    raise UserInputError(f"image_size: expected an int or (height, width), got {image_size!r}")
   if min(size) < MIN_IMAGE_SIZE:
     raise UserInputError(
-        f"image_size: {image_size!r} is too small; height and width must be >= {MIN_IMAGE_SIZE}")
+      f"image_size: {image_size!r} is too small; height and width must be >= {MIN_IMAGE_SIZE}"
+    )
   return size
 
 
@@ -481,8 +514,13 @@ class SyntheticForgeries:
   manipulated), 'kind' one of KINDS, 'id' like 'synthetic/train/000123'.
   """
 
-  def __init__(self, split: str = "train", num_examples: int | None = None,
-               image_size: int | tuple[int, int] = 128, seed: int = 0):
+  def __init__(
+    self,
+    split: str = "train",
+    num_examples: int | None = None,
+    image_size: int | tuple[int, int] = 128,
+    seed: int = 0,
+  ):
     """Creates the source.
 
     Args:
@@ -493,11 +531,15 @@ class SyntheticForgeries:
     """
     if split not in SPLIT_IDS:
       raise UserInputError(
-          f"split: unknown synthetic split {split!r}; expected one of {sorted(SPLIT_IDS)}")
+        f"split: unknown synthetic split {split!r}; expected one of {sorted(SPLIT_IDS)}"
+      )
     if num_examples is None:
       num_examples = DEFAULT_NUM_EXAMPLES[split]
-    if (not isinstance(num_examples, (int, np.integer)) or isinstance(num_examples, bool) or
-        num_examples < 1):
+    if (
+      not isinstance(num_examples, (int, np.integer))
+      or isinstance(num_examples, bool)
+      or num_examples < 1
+    ):
       raise UserInputError(f"num_examples: expected a positive int, got {num_examples!r}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
       raise UserInputError(f"seed: expected a non-negative int, got {seed!r}")
@@ -517,16 +559,17 @@ class SyntheticForgeries:
       index += self.num_examples  # Sequence semantics: -1 is the last sample.
     if not 0 <= index < self.num_examples:
       raise IndexError(
-          f"index {index} out of range for synthetic/{self.split} of {self.num_examples}")
-    rng = np.random.default_rng(
-        np.random.SeedSequence([self.seed, SPLIT_IDS[self.split], index]))
+        f"index {index} out of range for synthetic/{self.split} of {self.num_examples}"
+      )
+    rng = np.random.default_rng(np.random.SeedSequence([self.seed, SPLIT_IDS[self.split], index]))
     image, mask, kind = generate_sample(rng, self.height, self.width)
-    return {"image": image, "mask": mask, "kind": kind,
-            "id": f"synthetic/{self.split}/{index:06d}"}
+    return {"image": image, "mask": mask, "kind": kind, "id": f"synthetic/{self.split}/{index:06d}"}
 
   def __repr__(self) -> str:
-    return (f"SyntheticForgeries(split={self.split!r}, num_examples={self.num_examples}, "
-            f"image_size=({self.height}, {self.width}), seed={self.seed})")
+    return (
+      f"SyntheticForgeries(split={self.split!r}, num_examples={self.num_examples}, "
+      f"image_size=({self.height}, {self.width}), seed={self.seed})"
+    )
 
 
 def export_folder(source: Any, out_dir: str, limit: int | None = None) -> int:
@@ -550,7 +593,8 @@ def export_folder(source: Any, out_dir: str, limit: int | None = None) -> int:
   for folder in folders:
     if os.path.isdir(folder) and os.listdir(folder):
       raise UserInputError(
-          f"{folder}: already contains files; export into an empty or new directory")
+        f"{folder}: already contains files; export into an empty or new directory"
+      )
   for folder in folders:
     os.makedirs(folder, exist_ok=True)
   count = len(source) if limit is None else min(int(limit), len(source))
@@ -558,6 +602,7 @@ def export_folder(source: Any, out_dir: str, limit: int | None = None) -> int:
     sample = source[k]
     name = f"{k:06d}.png"
     miml_io.write_image(os.path.join(folders[0], name), sample["image"])
-    miml_io.write_image(os.path.join(folders[1], name),
-                        np.where(sample["mask"] > 0, 255, 0).astype(np.uint8))
+    miml_io.write_image(
+      os.path.join(folders[1], name), np.where(sample["mask"] > 0, 255, 0).astype(np.uint8)
+    )
   return count

@@ -16,34 +16,48 @@ from miml_jax.errors import UserInputError
 
 def builders_dir(explicit: str | None = None) -> str:
   """`explicit`, else ./datasets, else the datasets/ folder next to this package's checkout."""
-  candidates = ([explicit] if explicit else
-                [os.path.join(os.getcwd(), "datasets"),
-                 os.path.join(os.path.dirname(__file__), "..", "..", "datasets")])
+  candidates = (
+    [explicit]
+    if explicit
+    else [
+      os.path.join(os.getcwd(), "datasets"),
+      os.path.join(os.path.dirname(__file__), "..", "..", "datasets"),
+    ]
+  )
   for candidate in candidates:
     if os.path.isfile(os.path.join(candidate, "README.md")) or (
-        explicit and os.path.isdir(candidate)):
+      explicit and os.path.isdir(candidate)
+    ):
       return os.path.abspath(candidate)
-  raise UserInputError(f"no builders folder at {' or '.join(map(os.path.abspath, candidates))}; "
-                       f"run from the miml-jax checkout or pass --builders DIR")
+  raise UserInputError(
+    f"no builders folder at {' or '.join(map(os.path.abspath, candidates))}; "
+    f"run from the miml-jax checkout or pass --builders DIR"
+  )
 
 
 def available(directory: str) -> list[str]:
-  return sorted(name for name in os.listdir(directory)
-                if os.path.isfile(os.path.join(directory, name, f"{name}_dataset_builder.py")))
+  return sorted(
+    name
+    for name in os.listdir(directory)
+    if os.path.isfile(os.path.join(directory, name, f"{name}_dataset_builder.py"))
+  )
 
 
 def load_builder_class(name: str, directory: str):
   """The `Builder` class of `<directory>/<name>/<name>_dataset_builder.py`."""
   path = os.path.join(directory, name, f"{name}_dataset_builder.py")
   if not os.path.isfile(path):
-    raise UserInputError(f"no dataset '{name}' in {directory} (have: "
-                         f"{', '.join(available(directory)) or 'none'})")
+    raise UserInputError(
+      f"no dataset '{name}' in {directory} (have: {', '.join(available(directory)) or 'none'})"
+    )
   # Imported as a package module (TFDS locates a builder's files through its module).
   package = f"miml_jax_datasets_{name}"
   if package not in sys.modules:
     spec = importlib.util.spec_from_file_location(
-        package, os.path.join(directory, name, "__init__.py"),
-        submodule_search_locations=[os.path.join(directory, name)])
+      package,
+      os.path.join(directory, name, "__init__.py"),
+      submodule_search_locations=[os.path.join(directory, name)],
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[package] = module
     spec.loader.exec_module(module)
@@ -56,10 +70,12 @@ def load_builder_class(name: str, directory: str):
   return sys.modules[module_name].Builder
 
 
-def build(name: str, config: str | None, manual_dir: str, data_dir: str,
-          builders: str | None = None) -> dict:
+def build(
+  name: str, config: str | None, manual_dir: str, data_dir: str, builders: str | None = None
+) -> dict:
   """Builds NAME/CONFIG into data_dir; returns {'directory', 'splits': {split: examples}}."""
   import tensorflow_datasets as tfds
+
   builder_class = load_builder_class(name, builders_dir(builders))
   configs = [c.name for c in getattr(builder_class, "BUILDER_CONFIGS", [])]
   if configs and config not in configs:
@@ -69,12 +85,14 @@ def build(name: str, config: str | None, manual_dir: str, data_dir: str,
   instructions = getattr(builder_class, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
   if instructions and not os.listdir(manual_dir):  # TFDS would fail with an AssertionError.
     raise UserInputError(f"{manual_dir}: --manual-dir is empty; {instructions}")
-  builder = builder_class(config=config, data_dir=os.path.expanduser(data_dir),
-                          file_format="array_record")
+  builder = builder_class(
+    config=config, data_dir=os.path.expanduser(data_dir), file_format="array_record"
+  )
   # TFDS narrates on stdout, which belongs to the command's --json output.
   with contextlib.redirect_stdout(sys.stderr):
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(manual_dir)))
+      download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(manual_dir))
+    )
   splits = {split: info.num_examples for split, info in builder.info.splits.items()}
   if not any(splits.values()):
     raise UserInputError(f"{manual_dir}: dataset '{name}' built with no examples")

@@ -33,18 +33,16 @@ previous name by '_' (`decode_head.ha.kg.1.conv.weight` -> `decode_head/ha/kg_1/
 `decode_head/cls_head_7/kernel`); see naming.py.
 """
 
+from collections.abc import Mapping, Sequence
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from miml_jax.errors import UserInputError
-from miml_jax.models import convnext
-from miml_jax.models import deeplab
-from miml_jax.models import layers
-from miml_jax.models import upernet
+from miml_jax.models import common, convnext, deeplab, layers, upernet
 
 Array = jax.Array
 Dtype = Any
@@ -76,44 +74,45 @@ class APSCHeadConfig:
     image_head_dropout: dropout before its final 1x1 conv (0.2).
     num_classes: 2 (authentic / tampered); the tampered probability is class 1.
   """
+
   channels: int = 512
-  pool_scales: Tuple[int, ...] = (1, 2, 3, 6)
-  fusion: str = 'se'
+  pool_scales: tuple[int, ...] = (1, 2, 3, 6)
+  fusion: str = "se"
   se_reduction: int = 8
   feat0_channels: int = 256
   c1_channels: int = 48
-  aspp_dilations: Tuple[int, ...] = (1, 12, 24, 36)
+  aspp_dilations: tuple[int, ...] = (1, 12, 24, 36)
   rectify_passes: int = 3
   kernel_size: int = 31
   kernel_gen_size: int = 64
-  kernel_gen_dims: Tuple[int, ...] = (32, 64, 128, 256, 512)
+  kernel_gen_dims: tuple[int, ...] = (32, 64, 128, 256, 512)
   cse_reduction: int = 8
   dropout: float = 0.1
   image_head: bool = True
-  image_head_dims: Tuple[int, int, int] = (512, 256, 256)
+  image_head_dims: tuple[int, int, int] = (512, 256, 256)
   image_head_dropout: float = 0.2
   num_classes: int = 2
 
   def __post_init__(self):
-    if self.fusion not in ('se', 'sum'):
+    if self.fusion not in ("se", "sum"):
       raise UserInputError(f"model.head.fusion: {self.fusion!r} is not 'se' or 'sum'")
     if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-      raise UserInputError(f'model.head.kernel_size: {self.kernel_size} must be odd and > 0')
+      raise UserInputError(f"model.head.kernel_size: {self.kernel_size} must be odd and > 0")
     if self.rectify_passes < 0:
-      raise UserInputError(f'model.head.rectify_passes: {self.rectify_passes} must be >= 0')
+      raise UserInputError(f"model.head.rectify_passes: {self.rectify_passes} must be >= 0")
     if not self.kernel_gen_dims:
-      raise UserInputError('model.head.kernel_gen_dims: must not be empty')
+      raise UserInputError("model.head.kernel_gen_dims: must not be empty")
     if len(self.image_head_dims) != 3:
-      raise UserInputError(f'model.head.image_head_dims: {self.image_head_dims} needs 3 widths')
+      raise UserInputError(f"model.head.image_head_dims: {self.image_head_dims} needs 3 widths")
 
   @classmethod
-  def from_dict(cls, d: Optional[Mapping[str, Any]]) -> 'APSCHeadConfig':
+  def from_dict(cls, d: Mapping[str, Any] | None) -> "APSCHeadConfig":
     """Builds a config from a dict / ConfigDict; lists become tuples, unknown keys are errors."""
     d = dict(d or {})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-      raise UserInputError(f'model.head: unknown key(s) {unknown}; known: {sorted(known)}')
+      raise UserInputError(f"model.head: unknown key(s) {unknown}; known: {sorted(known)}")
     return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()})
 
 
@@ -134,14 +133,19 @@ def dynamic_conv(x: Array, kernels: Array) -> Array:
   """
   b, _, _, c = x.shape
   if c != 1:
-    raise ValueError(f'dynamic_conv: expected a 1-channel map, got {x.shape}')
+    raise ValueError(f"dynamic_conv: expected a 1-channel map, got {x.shape}")
   k = kernels.shape[-1]
   pad = (k - 1) // 2
   lhs = jnp.transpose(x, (3, 1, 2, 0))  # (1, H, W, B)
   rhs = jnp.transpose(kernels, (1, 2, 0))[:, :, None, :]  # (K, K, 1, B): HWIO, one group each
   out = jax.lax.conv_general_dilated(
-      lhs, rhs.astype(lhs.dtype), window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=b)
+    lhs,
+    rhs.astype(lhs.dtype),
+    window_strides=(1, 1),
+    padding=((pad, pad), (pad, pad)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=b,
+  )
   return jnp.transpose(out, (3, 1, 2, 0))
 
 
@@ -160,6 +164,7 @@ class HeadAttn(nn.Module):
   torch's `kg` is Sequential(UpsamplingBilinear2d, ConvModule x n, AdaptiveAvgPool2d, Flatten,
   Dropout, Linear), so the ConvModules are `kg_1..kg_n` and the Linear is `kg_{n+4}` (`kg_9`).
   """
+
   kernel_size: int = 31
   gen_size: int = 64
   gen_dims: Sequence[int] = (32, 64, 128, 256, 512)
@@ -175,14 +180,25 @@ class HeadAttn(nn.Module):
     n = len(self.gen_dims)
     for i, d in enumerate(self.gen_dims):
       last = i == n - 1
-      y = layers.ConvModule(d, 3 if last else 5, stride=2, padding=1 if last else 2,
-                            dtype=self.dtype, param_dtype=self.param_dtype,
-                            name=f'kg_{i + 1}')(y, train)
+      y = layers.ConvModule(
+        d,
+        3 if last else 5,
+        stride=2,
+        padding=1 if last else 2,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"kg_{i + 1}",
+      )(y, train)
     y = jnp.mean(y.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
     y = nn.Dropout(self.dropout)(y, deterministic=not train)
     k = self.kernel_size
-    y = layers.dense(k * k, in_features=self.gen_dims[-1], dtype=self.dtype,
-                     param_dtype=self.param_dtype, name=f'kg_{n + 4}')(y)
+    y = layers.dense(
+      k * k,
+      in_features=self.gen_dims[-1],
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name=f"kg_{n + 4}",
+    )(y)
     a2 = dynamic_conv(attn, y.reshape(b, k, k))
     # The normalisation divides by a range that can be tiny: do it in float32.
     a2 = min_max_norm(a2.astype(jnp.float32))
@@ -195,6 +211,7 @@ class SCSEModule(nn.Module):
   cSE = global avg pool -> 1x1 conv `cSE_1` (C -> C // reduction) -> ReLU -> 1x1 conv `cSE_3`
   -> sigmoid (torch Sequential indices 1 and 3).
   """
+
   features: int
   reduction: int = 8
   dtype: Dtype = jnp.float32
@@ -205,54 +222,71 @@ class SCSEModule(nn.Module):
     c = x.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     s = layers.adaptive_avg_pool(x, 1)
-    s = layers.conv2d(c // self.reduction, 1, in_features=c, name='cSE_1', **kw)(s)
+    s = layers.conv2d(c // self.reduction, 1, in_features=c, name="cSE_1", **kw)(s)
     s = jax.nn.relu(s)
-    s = layers.conv2d(c, 1, in_features=c // self.reduction, name='cSE_3', **kw)(s)
+    s = layers.conv2d(c, 1, in_features=c // self.reduction, name="cSE_3", **kw)(s)
     s = jax.nn.sigmoid(s)
-    return layers.ConvModule(self.features, 1, name='c11', **kw)(x * s, train)
+    return layers.ConvModule(self.features, 1, name="c11", **kw)(x * s, train)
 
 
 class APSCHead(nn.Module):
   """APSC-Net's decode head (official TestRFB1HA1CLab); see the module docstring."""
+
   config: APSCHeadConfig = APSCHeadConfig()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs: Sequence[Array], train: bool) -> Dict[str, Any]:
+  def __call__(self, inputs: Sequence[Array], train: bool) -> dict[str, Any]:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     c = cfg.channels
     n = len(inputs)
     inputs = [t.astype(self.dtype) for t in inputs]
 
-    laterals = [layers.ConvModule(c, 1, name=f'lateral_convs_{i}', **kw)(inputs[i], train)
-                for i in range(n - 1)]
+    laterals = [
+      layers.ConvModule(c, 1, name=f"lateral_convs_{i}", **kw)(inputs[i], train)
+      for i in range(n - 1)
+    ]
     laterals.append(upernet.psp_forward(inputs[-1], cfg.pool_scales, c, train, **kw))
-    if cfg.fusion == 'se':
+    if cfg.fusion == "se":
       laterals = upernet.se_gated_fusion(laterals, cfg.se_reduction, **kw)
     else:
       laterals = upernet.sum_fusion(laterals)
-    fpn_outs = [layers.ConvModule(c, 3, padding=1, name=f'fpn_convs_{i}', **kw)(
-        laterals[i], train) for i in range(n - 1)]
+    fpn_outs = [
+      layers.ConvModule(c, 3, padding=1, name=f"fpn_convs_{i}", **kw)(laterals[i], train)
+      for i in range(n - 1)
+    ]
     fpn_outs.append(laterals[-1])
 
     aux = [deeplab.cls_seg(fpn_outs[0], cfg.num_classes, cfg.dropout, train, **kw)]
-    feat0 = layers.conv2d(cfg.feat0_channels, 1, in_features=c, name='convert',
-                          **kw)(fpn_outs[0])
+    feat0 = layers.conv2d(cfg.feat0_channels, 1, in_features=c, name="convert", **kw)(fpn_outs[0])
     size = fpn_outs[1].shape[1:3]
     x = jnp.concatenate(
-        [layers.resize_bilinear(f, size, align_corners=False) for f in fpn_outs], axis=-1)
+      [layers.resize_bilinear(f, size, align_corners=False) for f in fpn_outs], axis=-1
+    )
 
     msdec = deeplab.DepthwiseSeparableASPPHead(
-        channels=c, dilations=cfg.aspp_dilations, c1_channels=cfg.c1_channels,
-        dropout=cfg.dropout, num_classes=cfg.num_classes, name='MSDEC', **kw)
+      channels=c,
+      dilations=cfg.aspp_dilations,
+      c1_channels=cfg.c1_channels,
+      dropout=cfg.dropout,
+      num_classes=cfg.num_classes,
+      name="MSDEC",
+      **kw,
+    )
     if cfg.rectify_passes == 0:
       logits, y = msdec(feat0, x, train)
     else:
-      ha = HeadAttn(kernel_size=cfg.kernel_size, gen_size=cfg.kernel_gen_size,
-                    gen_dims=cfg.kernel_gen_dims, dropout=cfg.dropout, name='ha', **kw)
-      ce = SCSEModule(features=x.shape[-1], reduction=cfg.cse_reduction, name='CE', **kw)
+      ha = HeadAttn(
+        kernel_size=cfg.kernel_size,
+        gen_size=cfg.kernel_gen_size,
+        gen_dims=cfg.kernel_gen_dims,
+        dropout=cfg.dropout,
+        name="ha",
+        **kw,
+      )
+      ce = SCSEModule(features=x.shape[-1], reduction=cfg.cse_reduction, name="CE", **kw)
       for p in range(cfg.rectify_passes):
         # F.interpolate(scale_factor=0.5, mode='bilinear'): align_corners=False, scale-based.
         pos = jax.nn.softmax(aux[-1].astype(jnp.float32), axis=-1)[..., 1:2]
@@ -266,9 +300,11 @@ class APSCHead(nn.Module):
     image_logits = None
     if cfg.image_head:
       image_logits = self._image_head(logits, x, y, train)
-    return dict(logits=logits.astype(jnp.float32),
-                aux=tuple(a.astype(jnp.float32) for a in aux),
-                image_logits=image_logits)
+    return dict(
+      logits=logits.astype(jnp.float32),
+      aux=tuple(a.astype(jnp.float32) for a in aux),
+      image_logits=image_logits,
+    )
 
   def _image_head(self, logits: Array, x: Array, y: Array, train: bool) -> Array:
     """The image-level classifier `cls_head` on the detached (Y, X slices, prob) stack."""
@@ -279,28 +315,21 @@ class APSCHead(nn.Module):
     # self.ds = nn.UpsamplingBilinear2d(scale_factor=0.5): align_corners=True.
     prob = layers.resize_bilinear(prob, scale_factor=0.5, align_corners=True)
     prob = jnp.broadcast_to(prob.astype(y.dtype), y.shape)
-    slices = [x[..., k * c:(k + 1) * c] for k in range(x.shape[-1] // c)]
+    slices = [x[..., k * c : (k + 1) * c] for k in range(x.shape[-1] // c)]
     # The reference detaches the stack: the image head never trains the segmentation path.
     z = jax.lax.stop_gradient(interleave_channels([y] + slices + [prob]))
     d0, d1, d2 = cfg.image_head_dims
     # torch Sequential: 0 ConvModule, 1 MaxPool, 2 ConvModule, 3 MaxPool, 4 ConvModule,
     # 5 AdaptiveMaxPool2d(1), 6 Dropout, 7 Conv2d.
-    z = layers.ConvModule(d0, 1, name='cls_head_0', **kw)(z, train)
+    z = layers.ConvModule(d0, 1, name="cls_head_0", **kw)(z, train)
     z = layers.max_pool_2x2(z)
-    z = layers.ConvModule(d1, 3, padding=1, name='cls_head_2', **kw)(z, train)
+    z = layers.ConvModule(d1, 3, padding=1, name="cls_head_2", **kw)(z, train)
     z = layers.max_pool_2x2(z)
-    z = layers.ConvModule(d2, 3, padding=1, name='cls_head_4', **kw)(z, train)
+    z = layers.ConvModule(d2, 3, padding=1, name="cls_head_4", **kw)(z, train)
     z = layers.adaptive_max_pool(z, 1)
     z = nn.Dropout(cfg.image_head_dropout)(z, deterministic=not train)
-    z = layers.conv2d(cfg.num_classes, 1, in_features=d2, name='cls_head_7', **kw)(z)
+    z = layers.conv2d(cfg.num_classes, 1, in_features=d2, name="cls_head_7", **kw)(z)
     return z[:, 0, 0, :].astype(jnp.float32)
-
-
-def check_image_input(x: Array, in_chans: int) -> None:
-  """Raises unless x is (B, H, W, in_chans) with H and W multiples of 32 (the network stride)."""
-  if x.ndim != 4 or x.shape[-1] != in_chans or x.shape[1] % 32 or x.shape[2] % 32:
-    raise ValueError(f'expected (B, H, W, {in_chans}) input with H and W multiples of 32, '
-                     f'got {x.shape}')
 
 
 class APSCNet(nn.Module):
@@ -311,6 +340,7 @@ class APSCNet(nn.Module):
   `backbone` and `decode_head` like the torch segmentor, so the variables map 1:1 onto the
   official APSC-Net.pth state_dict.
   """
+
   in_chans: int = 3
   drop_path_rate: float = 0.4
   head: APSCHeadConfig = APSCHeadConfig()
@@ -318,11 +348,17 @@ class APSCNet(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool) -> Dict[str, Any]:
-    check_image_input(x, self.in_chans)
-    dims, depths = convnext.CONVNEXT_PRESETS['base']
-    feats = convnext.ConvNeXt(dims=dims, depths=depths, in_chans=self.in_chans,
-                              drop_path_rate=self.drop_path_rate, layer_scale_init_value=1.0,
-                              dtype=self.dtype, param_dtype=self.param_dtype,
-                              name='backbone')(x, train)
-    return APSCHead(self.head, self.dtype, self.param_dtype, name='decode_head')(feats, train)
+  def __call__(self, x: Array, train: bool) -> dict[str, Any]:
+    common.check_image_input(x, self.in_chans)
+    dims, depths = convnext.CONVNEXT_PRESETS["base"]
+    feats = convnext.ConvNeXt(
+      dims=dims,
+      depths=depths,
+      in_chans=self.in_chans,
+      drop_path_rate=self.drop_path_rate,
+      layer_scale_init_value=1.0,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="backbone",
+    )(x, train)
+    return APSCHead(self.head, self.dtype, self.param_dtype, name="decode_head")(feats, train)

@@ -13,7 +13,8 @@ of a downsampling layer, `stages.2.11.dwconv.weight` -> `stages_2_11/dwconv/kern
 (`pwconv1`, `pwconv2`) are `nn.Dense`.
 """
 
-from typing import Any, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -27,11 +28,11 @@ Dtype = Any
 
 # (dims, depths) of the published ConvNeXt sizes.
 CONVNEXT_PRESETS = {
-    'tiny': ((96, 192, 384, 768), (3, 3, 9, 3)),
-    'small': ((96, 192, 384, 768), (3, 3, 27, 3)),
-    'base': ((128, 256, 512, 1024), (3, 3, 27, 3)),
-    'large': ((192, 384, 768, 1536), (3, 3, 27, 3)),
-    'xlarge': ((256, 512, 1024, 2048), (3, 3, 27, 3)),
+  "tiny": ((96, 192, 384, 768), (3, 3, 9, 3)),
+  "small": ((96, 192, 384, 768), (3, 3, 27, 3)),
+  "base": ((128, 256, 512, 1024), (3, 3, 27, 3)),
+  "large": ((192, 384, 768, 1536), (3, 3, 27, 3)),
+  "xlarge": ((256, 512, 1024, 2048), (3, 3, 27, 3)),
 }
 
 # ConvNeXt is trained from scratch with trunc_normal(0.02) weights and zero biases (the FAIR
@@ -42,6 +43,7 @@ _bias_init = nn.initializers.zeros
 
 class Block(nn.Module):
   """ConvNeXt block: dwconv -> LN -> Dense 4x -> GELU -> Dense -> gamma -> drop path + residual."""
+
   dim: int
   drop_path: float = 0.0
   layer_scale_init_value: float = 1e-6
@@ -51,19 +53,44 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     shortcut = x
-    x = layers.conv2d(self.dim, 7, padding=3, groups=self.dim, in_features=self.dim,
-                      kernel_init=_kernel_init, bias_init=_bias_init, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name='dwconv')(x)
-    x = layers.layer_norm('norm', 1e-6, self.dtype, self.param_dtype)(x)
-    x = nn.Dense(4 * self.dim, kernel_init=_kernel_init, bias_init=_bias_init,
-                 dtype=self.dtype, param_dtype=self.param_dtype, name='pwconv1')(x)
+    x = layers.conv2d(
+      self.dim,
+      7,
+      padding=3,
+      groups=self.dim,
+      in_features=self.dim,
+      kernel_init=_kernel_init,
+      bias_init=_bias_init,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="dwconv",
+    )(x)
+    x = layers.layer_norm("norm", 1e-6, self.dtype, self.param_dtype)(x)
+    x = nn.Dense(
+      4 * self.dim,
+      kernel_init=_kernel_init,
+      bias_init=_bias_init,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="pwconv1",
+    )(x)
     # PyTorch's nn.GELU is the exact erf form; flax defaults to the tanh approximation.
     x = nn.gelu(x, approximate=False)
-    x = nn.Dense(self.dim, kernel_init=_kernel_init, bias_init=_bias_init,
-                 dtype=self.dtype, param_dtype=self.param_dtype, name='pwconv2')(x)
+    x = nn.Dense(
+      self.dim,
+      kernel_init=_kernel_init,
+      bias_init=_bias_init,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="pwconv2",
+    )(x)
     if self.layer_scale_init_value > 0:
-      gamma = self.param('gamma', nn.initializers.constant(self.layer_scale_init_value),
-                         (self.dim,), self.param_dtype)
+      gamma = self.param(
+        "gamma",
+        nn.initializers.constant(self.layer_scale_init_value),
+        (self.dim,),
+        self.param_dtype,
+      )
       x = x * gamma.astype(x.dtype)
     x = layers.DropPath(self.drop_path)(x, deterministic=not train)
     return shortcut + x
@@ -81,8 +108,9 @@ class ConvNeXt(nn.Module):
     out_indices: stages whose (normalised) output is returned. The torch model builds `norm{i}`
       for all four stages; here a norm exists only for the stages in `out_indices`.
   """
-  dims: Sequence[int] = CONVNEXT_PRESETS['tiny'][0]
-  depths: Sequence[int] = CONVNEXT_PRESETS['tiny'][1]
+
+  dims: Sequence[int] = CONVNEXT_PRESETS["tiny"][0]
+  depths: Sequence[int] = CONVNEXT_PRESETS["tiny"][1]
   in_chans: int = 3
   drop_path_rate: float = 0.0
   layer_scale_init_value: float = 1.0
@@ -91,14 +119,17 @@ class ConvNeXt(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool) -> Tuple[Array, ...]:
+  def __call__(self, x: Array, train: bool) -> tuple[Array, ...]:
     if len(self.dims) != 4 or len(self.depths) != 4:
-      raise UserInputError(f'ConvNeXt: dims {tuple(self.dims)} and depths {tuple(self.depths)} '
-                           'must both have 4 entries')
+      raise UserInputError(
+        f"ConvNeXt: dims {tuple(self.dims)} and depths {tuple(self.depths)} "
+        "must both have 4 entries"
+      )
     if x.ndim != 4 or x.shape[-1] != self.in_chans:
-      raise ValueError(f'ConvNeXt: expected (B, H, W, {self.in_chans}) input, got {x.shape}')
-    kw = dict(kernel_init=_kernel_init, bias_init=_bias_init, dtype=self.dtype,
-              param_dtype=self.param_dtype)
+      raise ValueError(f"ConvNeXt: expected (B, H, W, {self.in_chans}) input, got {x.shape}")
+    kw = dict(
+      kernel_init=_kernel_init, bias_init=_bias_init, dtype=self.dtype, param_dtype=self.param_dtype
+    )
     x = x.astype(self.dtype)
     total = sum(self.depths)
     # torch.linspace(0, rate, total): the per-block drop-path rates.
@@ -107,35 +138,53 @@ class ConvNeXt(nn.Module):
     cur = 0
     for i in range(4):
       if i == 0:
-        x = layers.conv2d(self.dims[0], 4, stride=4, in_features=self.in_chans,
-                          name='downsample_layers_0_0', **kw)(x)
-        x = layers.layer_norm('downsample_layers_0_1', 1e-6, self.dtype, self.param_dtype)(x)
+        x = layers.conv2d(
+          self.dims[0], 4, stride=4, in_features=self.in_chans, name="downsample_layers_0_0", **kw
+        )(x)
+        x = layers.layer_norm("downsample_layers_0_1", 1e-6, self.dtype, self.param_dtype)(x)
       else:
-        x = layers.layer_norm(f'downsample_layers_{i}_0', 1e-6, self.dtype, self.param_dtype)(x)
-        x = layers.conv2d(self.dims[i], 2, stride=2, in_features=self.dims[i - 1],
-                          name=f'downsample_layers_{i}_1', **kw)(x)
+        x = layers.layer_norm(f"downsample_layers_{i}_0", 1e-6, self.dtype, self.param_dtype)(x)
+        x = layers.conv2d(
+          self.dims[i],
+          2,
+          stride=2,
+          in_features=self.dims[i - 1],
+          name=f"downsample_layers_{i}_1",
+          **kw,
+        )(x)
       for j in range(self.depths[i]):
-        x = Block(self.dims[i], rates[cur + j], self.layer_scale_init_value, self.dtype,
-                  self.param_dtype, name=f'stages_{i}_{j}')(x, train)
+        x = Block(
+          self.dims[i],
+          rates[cur + j],
+          self.layer_scale_init_value,
+          self.dtype,
+          self.param_dtype,
+          name=f"stages_{i}_{j}",
+        )(x, train)
       cur += self.depths[i]
       if i in self.out_indices:
-        outs.append(layers.layer_norm(f'norm{i}', 1e-6, self.dtype, self.param_dtype)(x))
+        outs.append(layers.layer_norm(f"norm{i}", 1e-6, self.dtype, self.param_dtype)(x))
     return tuple(outs)
 
 
-def convnext_dims_depths(preset=None, dims=None, depths=None) -> Tuple[Tuple[int, ...],
-                                                                        Tuple[int, ...]]:
+def convnext_dims_depths(
+  preset=None, dims=None, depths=None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """Resolves a preset name and/or explicit dims/depths into (dims, depths) tuples."""
   if preset is not None:
     if preset not in CONVNEXT_PRESETS:
-      raise UserInputError(f'model.backbone.preset: unknown ConvNeXt preset {preset!r}; '
-                           f'choose one of {sorted(CONVNEXT_PRESETS)}')
+      raise UserInputError(
+        f"model.backbone.preset: unknown ConvNeXt preset {preset!r}; "
+        f"choose one of {sorted(CONVNEXT_PRESETS)}"
+      )
     p_dims, p_depths = CONVNEXT_PRESETS[preset]
-    for key, given, want in (('dims', dims, p_dims), ('depths', depths, p_depths)):
+    for key, given, want in (("dims", dims, p_dims), ("depths", depths, p_depths)):
       if given is not None and tuple(given) != want:
-        raise UserInputError(f'model.backbone.{key}={tuple(given)} contradicts preset '
-                             f'{preset!r} ({want}); give one or the other')
+        raise UserInputError(
+          f"model.backbone.{key}={tuple(given)} contradicts preset "
+          f"{preset!r} ({want}); give one or the other"
+        )
     return p_dims, p_depths
   if dims is None or depths is None:
-    raise UserInputError('model.backbone: give a preset or both dims and depths')
+    raise UserInputError("model.backbone: give a preset or both dims and depths")
   return tuple(int(d) for d in dims), tuple(int(d) for d in depths)

@@ -16,7 +16,8 @@ Parameter names follow the torch state_dict 1:1 with numeric indices joined by '
 `MSDEC.conv_seg.weight` -> `MSDEC/conv_seg/kernel`.
 """
 
-from typing import Any, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,8 +29,15 @@ Array = jax.Array
 Dtype = Any
 
 
-def cls_seg(feat: Array, num_classes: int, dropout: float, train: bool, dtype: Dtype,
-            param_dtype: Dtype, name: str = 'conv_seg') -> Array:
+def cls_seg(
+  feat: Array,
+  num_classes: int,
+  dropout: float,
+  train: bool,
+  dtype: Dtype,
+  param_dtype: Dtype,
+  name: str = "conv_seg",
+) -> Array:
   """mmseg BaseDecodeHead.cls_seg: Dropout2d (whole channels per sample) -> 1x1 conv with bias.
 
   Creates `conv_seg` in the calling module's scope; initialised N(0, 0.01), bias 0, as mmseg does.
@@ -37,10 +45,16 @@ def cls_seg(feat: Array, num_classes: int, dropout: float, train: bool, dtype: D
   if dropout > 0:
     # Dropout2d: one keep/drop decision per (sample, channel), broadcast over H and W.
     feat = nn.Dropout(dropout, broadcast_dims=(1, 2))(feat, deterministic=not train)
-  return layers.conv2d(num_classes, 1, in_features=feat.shape[-1],
-                       kernel_init=nn.initializers.normal(0.01),
-                       bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=param_dtype,
-                       name=name)(feat)
+  return layers.conv2d(
+    num_classes,
+    1,
+    in_features=feat.shape[-1],
+    kernel_init=nn.initializers.normal(0.01),
+    bias_init=nn.initializers.zeros,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+  )(feat)
 
 
 class DepthwiseSeparableASPPHead(nn.Module):
@@ -53,6 +67,7 @@ class DepthwiseSeparableASPPHead(nn.Module):
     dropout: Dropout2d rate before `conv_seg`.
     num_classes: classifier outputs.
   """
+
   channels: int = 512
   dilations: Sequence[int] = (1, 12, 24, 36)
   c1_channels: int = 48
@@ -62,25 +77,28 @@ class DepthwiseSeparableASPPHead(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, c1: Array, x: Array, train: bool) -> Tuple[Array, Array]:
+  def __call__(self, c1: Array, x: Array, train: bool) -> tuple[Array, Array]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     pooled = layers.adaptive_avg_pool(x, 1)
-    pooled = layers.ConvModule(self.channels, 1, name='image_pool_1', **kw)(pooled, train)
+    pooled = layers.ConvModule(self.channels, 1, name="image_pool_1", **kw)(pooled, train)
     outs = [layers.resize_bilinear(pooled, x.shape[1:3], align_corners=False)]
     for i, d in enumerate(self.dilations):
       if d == 1:
-        branch = layers.ConvModule(self.channels, 1, name=f'aspp_modules_{i}', **kw)
+        branch = layers.ConvModule(self.channels, 1, name=f"aspp_modules_{i}", **kw)
       else:
         branch = layers.DepthwiseSeparableConvModule(
-            self.channels, 3, dilation=d, padding=d, name=f'aspp_modules_{i}', **kw)
+          self.channels, 3, dilation=d, padding=d, name=f"aspp_modules_{i}", **kw
+        )
       outs.append(branch(x, train))
-    y = layers.ConvModule(self.channels, 3, padding=1, name='bottleneck', **kw)(
-        jnp.concatenate(outs, axis=-1), train)
-    c1 = layers.ConvModule(self.c1_channels, 1, name='c1_bottleneck', **kw)(c1, train)
+    y = layers.ConvModule(self.channels, 3, padding=1, name="bottleneck", **kw)(
+      jnp.concatenate(outs, axis=-1), train
+    )
+    c1 = layers.ConvModule(self.c1_channels, 1, name="c1_bottleneck", **kw)(c1, train)
     out = layers.resize_bilinear(y, c1.shape[1:3], align_corners=False)
     out = jnp.concatenate([out, c1], axis=-1)
     for j in range(2):
-      out = layers.DepthwiseSeparableConvModule(self.channels, 3, padding=1,
-                                                name=f'sep_bottleneck_{j}', **kw)(out, train)
+      out = layers.DepthwiseSeparableConvModule(
+        self.channels, 3, padding=1, name=f"sep_bottleneck_{j}", **kw
+      )(out, train)
     logits = cls_seg(out, self.num_classes, self.dropout, train, self.dtype, self.param_dtype)
     return logits, y

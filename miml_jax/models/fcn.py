@@ -13,7 +13,8 @@ In the MIML DASS model the head sits under `auxiliary_head.` (in_index 2, channe
 num_convs 1, concat_input False, dropout 0.1, 2 classes).
 """
 
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,6 +41,7 @@ class FCNHead(nn.Module):
     dropout: Dropout2d rate before `conv_seg` (mmseg's dropout_ratio).
     in_index: which feature map to use when `inputs` is a sequence (mmseg's in_index).
   """
+
   channels: int = 256
   num_convs: int = 2
   kernel_size: int = 3
@@ -52,23 +54,30 @@ class FCNHead(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs: Union[Array, Sequence[Array]], train: bool) -> Array:
+  def __call__(self, inputs: Array | Sequence[Array], train: bool) -> Array:
     if self.num_convs < 0 or self.dilation < 1:
-      raise UserInputError(f'FCNHead: num_convs={self.num_convs} must be >= 0 and '
-                           f'dilation={self.dilation} >= 1')
-    x = inputs if hasattr(inputs, 'ndim') else inputs[self.in_index]
+      raise UserInputError(
+        f"FCNHead: num_convs={self.num_convs} must be >= 0 and dilation={self.dilation} >= 1"
+      )
+    x = inputs if hasattr(inputs, "ndim") else inputs[self.in_index]
     x = x.astype(self.dtype)
     if self.num_convs == 0 and x.shape[-1] != self.channels:
-      raise ValueError(f'FCNHead: with num_convs=0 the input needs {self.channels} channels, '
-                       f'got {x.shape[-1]}')
+      raise ValueError(
+        f"FCNHead: with num_convs=0 the input needs {self.channels} channels, got {x.shape[-1]}"
+      )
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     feats = x
     for i in range(self.num_convs):
-      feats = layers.ConvModule(self.channels, self.kernel_size,
-                                padding=(self.kernel_size // 2) * self.dilation,
-                                dilation=self.dilation, name=f'convs_{i}', **kw)(feats, train)
+      feats = layers.ConvModule(
+        self.channels,
+        self.kernel_size,
+        padding=(self.kernel_size // 2) * self.dilation,
+        dilation=self.dilation,
+        name=f"convs_{i}",
+        **kw,
+      )(feats, train)
     if self.concat_input:
-      feats = layers.ConvModule(self.channels, self.kernel_size, padding=self.kernel_size // 2,
-                                name='conv_cat', **kw)(jnp.concatenate([x, feats], axis=-1),
-                                                       train)
+      feats = layers.ConvModule(
+        self.channels, self.kernel_size, padding=self.kernel_size // 2, name="conv_cat", **kw
+      )(jnp.concatenate([x, feats], axis=-1), train)
     return cls_seg(feats, self.num_classes, self.dropout, train, self.dtype, self.param_dtype)

@@ -23,8 +23,9 @@ name their children as mmcv does: `conv` and `bn` in a ConvModule, `depthwise_co
 `pointwise_conv` in a DepthwiseSeparableConvModule. See `naming.py` for the mapping functions.
 """
 
+from collections.abc import Callable, Sequence
 import math
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,10 +41,10 @@ BN_EPS = 1e-5
 BN_MOMENTUM = 0.9
 
 # mmcv's ConvModule.init_weights: kaiming_normal_(mode='fan_out', nonlinearity='relu').
-conv_module_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+conv_module_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch's default for nn.Conv2d / nn.Linear weights: kaiming_uniform_(a=sqrt(5)), which is
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def torch_default_bias_init(fan_in: int) -> Initializer:
@@ -56,26 +57,28 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
   return init
 
 
-def _pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
   if isinstance(v, int):
     return (v, v)
   return tuple(v)  # type: ignore[return-value]
 
 
-def conv2d(features: int,
-           kernel_size: Union[int, Sequence[int]],
-           *,
-           name: str,
-           in_features: int,
-           stride: Union[int, Sequence[int]] = 1,
-           padding: Union[int, Sequence[int]] = 0,
-           dilation: Union[int, Sequence[int]] = 1,
-           groups: int = 1,
-           use_bias: bool = True,
-           kernel_init: Optional[Initializer] = None,
-           bias_init: Optional[Initializer] = None,
-           dtype: Dtype = jnp.float32,
-           param_dtype: Dtype = jnp.float32) -> nn.Conv:
+def conv2d(
+  features: int,
+  kernel_size: int | Sequence[int],
+  *,
+  name: str,
+  in_features: int,
+  stride: int | Sequence[int] = 1,
+  padding: int | Sequence[int] = 0,
+  dilation: int | Sequence[int] = 1,
+  groups: int = 1,
+  use_bias: bool = True,
+  kernel_init: Initializer | None = None,
+  bias_init: Initializer | None = None,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+) -> nn.Conv:
   """An `nn.Conv` configured like `torch.nn.Conv2d` (explicit symmetric padding, never 'SAME').
 
   The default initialisers are torch's; `in_features` is only needed for the bias bound.
@@ -84,40 +87,50 @@ def conv2d(features: int,
   ph, pw = _pair(padding)
   fan_in = (in_features // groups) * kh * kw
   return nn.Conv(
-      features=features,
-      kernel_size=(kh, kw),
-      strides=_pair(stride),
-      padding=((ph, ph), (pw, pw)),
-      kernel_dilation=_pair(dilation),
-      feature_group_count=groups,
-      use_bias=use_bias,
-      kernel_init=kernel_init or torch_default_kernel_init,
-      bias_init=bias_init or torch_default_bias_init(fan_in),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      name=name)
+    features=features,
+    kernel_size=(kh, kw),
+    strides=_pair(stride),
+    padding=((ph, ph), (pw, pw)),
+    kernel_dilation=_pair(dilation),
+    feature_group_count=groups,
+    use_bias=use_bias,
+    kernel_init=kernel_init or torch_default_kernel_init,
+    bias_init=bias_init or torch_default_bias_init(fan_in),
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+  )
 
 
-def dense(features: int, *, name: str, in_features: int, dtype: Dtype = jnp.float32,
-          param_dtype: Dtype = jnp.float32,
-          kernel_init: Optional[Initializer] = None,
-          bias_init: Optional[Initializer] = None) -> nn.Dense:
+def dense(
+  features: int,
+  *,
+  name: str,
+  in_features: int,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  kernel_init: Initializer | None = None,
+  bias_init: Initializer | None = None,
+) -> nn.Dense:
   """An `nn.Dense` with torch.nn.Linear's default initialisation."""
   return nn.Dense(
-      features,
-      kernel_init=kernel_init or torch_default_kernel_init,
-      bias_init=bias_init or torch_default_bias_init(in_features),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      name=name)
+    features,
+    kernel_init=kernel_init or torch_default_kernel_init,
+    bias_init=bias_init or torch_default_bias_init(in_features),
+    dtype=dtype,
+    param_dtype=param_dtype,
+    name=name,
+  )
 
 
-def layer_norm(name: str, eps: float = 1e-6, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+def layer_norm(
+  name: str, eps: float = 1e-6, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32
+) -> nn.LayerNorm:
   """LayerNorm over the channel (last) axis, computed like torch (two-pass variance)."""
   # use_fast_variance=False: E[(x - mean)^2] as torch computes it, not E[x^2] - E[x]^2.
-  return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype,
-                      param_dtype=param_dtype, name=name)
+  return nn.LayerNorm(
+    epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name
+  )
 
 
 class BatchNorm(nn.Module):
@@ -130,6 +143,7 @@ class BatchNorm(nn.Module):
   Variables: params `scale`, `bias`; batch_stats `mean`, `var` (torch `weight`, `bias`,
   `running_mean`, `running_var`; torch's `num_batches_tracked` has no counterpart).
   """
+
   momentum: float = BN_MOMENTUM
   epsilon: float = BN_EPS
   dtype: Dtype = jnp.float32
@@ -138,10 +152,10 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros, (c,), self.param_dtype)
-    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     xf = x.astype(jnp.float32)
     if train:
       axes = tuple(range(x.ndim - 1))
@@ -165,6 +179,7 @@ class ConvModule(nn.Module):
 
   Attributes mirror mmcv: `use_bias=None` is mmcv's bias='auto' (a bias only without a norm).
   """
+
   features: int
   kernel_size: int = 1
   stride: int = 1
@@ -173,7 +188,7 @@ class ConvModule(nn.Module):
   groups: int = 1
   with_norm: bool = True
   with_act: bool = True
-  use_bias: Optional[bool] = None
+  use_bias: bool | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -181,12 +196,22 @@ class ConvModule(nn.Module):
   def __call__(self, x: Array, train: bool) -> Array:
     use_bias = (not self.with_norm) if self.use_bias is None else self.use_bias
     x = conv2d(
-        self.features, self.kernel_size, name='conv', in_features=x.shape[-1],
-        stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
-        use_bias=use_bias, kernel_init=conv_module_kernel_init,
-        bias_init=nn.initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+      self.features,
+      self.kernel_size,
+      name="conv",
+      in_features=x.shape[-1],
+      stride=self.stride,
+      padding=self.padding,
+      dilation=self.dilation,
+      groups=self.groups,
+      use_bias=use_bias,
+      kernel_init=conv_module_kernel_init,
+      bias_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )(x)
     if self.with_norm:
-      x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name='bn')(x, train)
+      x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn")(x, train)
     if self.with_act:
       x = nn.relu(x)
     return x
@@ -197,6 +222,7 @@ class DepthwiseSeparableConvModule(nn.Module):
 
   Both are full ConvModules (conv + BN + ReLU), as mmcv builds them when a norm is configured.
   """
+
   features: int
   kernel_size: int = 3
   stride: int = 1
@@ -208,15 +234,25 @@ class DepthwiseSeparableConvModule(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     c = x.shape[-1]
-    x = ConvModule(c, self.kernel_size, stride=self.stride, padding=self.padding,
-                   dilation=self.dilation, groups=c, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name='depthwise_conv')(x, train)
-    return ConvModule(self.features, 1, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name='pointwise_conv')(x, train)
+    x = ConvModule(
+      c,
+      self.kernel_size,
+      stride=self.stride,
+      padding=self.padding,
+      dilation=self.dilation,
+      groups=c,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="depthwise_conv",
+    )(x, train)
+    return ConvModule(
+      self.features, 1, dtype=self.dtype, param_dtype=self.param_dtype, name="pointwise_conv"
+    )(x, train)
 
 
 class DropPath(nn.Module):
   """Per-sample stochastic depth (timm's DropPath, scaled by 1 / keep_prob); 'dropout' RNG."""
+
   rate: float = 0.0
 
   @nn.compact
@@ -225,7 +261,7 @@ class DropPath(nn.Module):
       return x
     keep = 1.0 - self.rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
     return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
@@ -233,8 +269,9 @@ class DropPath(nn.Module):
 # Resizing.
 
 
-def _linear_taps(in_size: int, out_size: int, align_corners: bool,
-                 scale_factor: Optional[float]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _linear_taps(
+  in_size: int, out_size: int, align_corners: bool, scale_factor: float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Source indices and weights of PyTorch's 1-D linear interpolation.
 
   Mirrors ATen's area_pixel_compute_scale / area_pixel_compute_source_index, in float32 as ATen
@@ -256,8 +293,9 @@ def _linear_taps(in_size: int, out_size: int, align_corners: bool,
   return i0, i1, w1
 
 
-def _resize_axis(x: Array, axis: int, out_size: int, align_corners: bool,
-                 scale_factor: Optional[float]) -> Array:
+def _resize_axis(
+  x: Array, axis: int, out_size: int, align_corners: bool, scale_factor: float | None
+) -> Array:
   in_size = x.shape[axis]
   if in_size == out_size and (align_corners or not scale_factor or scale_factor == 1.0):
     # PyTorch's formulas reduce to the identity here (weight 1 on the same index).
@@ -271,10 +309,12 @@ def _resize_axis(x: Array, axis: int, out_size: int, align_corners: bool,
   return jnp.take(x, i0, axis=axis) * w0 + jnp.take(x, i1, axis=axis) * w1
 
 
-def resize_bilinear(x: Array,
-                    size: Optional[Tuple[int, int]] = None,
-                    align_corners: bool = False,
-                    scale_factor: Optional[float] = None) -> Array:
+def resize_bilinear(
+  x: Array,
+  size: tuple[int, int] | None = None,
+  align_corners: bool = False,
+  scale_factor: float | None = None,
+) -> Array:
   """PyTorch `F.interpolate(x, size | scale_factor, mode='bilinear', align_corners)` on NHWC.
 
   Pass `size` for `F.interpolate(size=...)` / mmseg's `resize` (align_corners=False) and for
@@ -283,10 +323,9 @@ def resize_bilinear(x: Array,
   False, PyTorch maps coordinates with 1 / scale_factor rather than in / out.
   """
   if (size is None) == (scale_factor is None):
-    raise ValueError('resize_bilinear: give exactly one of size and scale_factor')
+    raise ValueError("resize_bilinear: give exactly one of size and scale_factor")
   if size is None:
-    size = (int(math.floor(x.shape[1] * scale_factor)),
-            int(math.floor(x.shape[2] * scale_factor)))
+    size = (int(math.floor(x.shape[1] * scale_factor)), int(math.floor(x.shape[2] * scale_factor)))
   # jax.image.resize has no align_corners=True mode and differs from PyTorch for scale_factor
   # calls, so both are done by hand with PyTorch's own index arithmetic.
   x = _resize_axis(x, 1, size[0], align_corners, scale_factor)
@@ -299,8 +338,7 @@ def resize_bilinear(x: Array,
 
 def adaptive_bins(in_size: int, out_size: int) -> list:
   """PyTorch's adaptive pooling bins: [floor(i * in / out), ceil((i + 1) * in / out))."""
-  return [((i * in_size) // out_size, -((-(i + 1) * in_size) // out_size))
-          for i in range(out_size)]
+  return [((i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)) for i in range(out_size)]
 
 
 def _avg_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -310,7 +348,7 @@ def _avg_matrix(in_size: int, out_size: int) -> np.ndarray:
   return m
 
 
-def adaptive_avg_pool(x: Array, output_size: Union[int, Tuple[int, int]]) -> Array:
+def adaptive_avg_pool(x: Array, output_size: int | tuple[int, int]) -> Array:
   """`nn.AdaptiveAvgPool2d(output_size)` on NHWC, computed in float32."""
   oh, ow = _pair(output_size)
   xf = x.astype(jnp.float32)
@@ -319,11 +357,11 @@ def adaptive_avg_pool(x: Array, output_size: Union[int, Tuple[int, int]]) -> Arr
   mh = jnp.asarray(_avg_matrix(x.shape[1], oh))
   mw = jnp.asarray(_avg_matrix(x.shape[2], ow))
   # Bins overlap for non-divisible sizes, so pooling is a (separable) averaging matrix.
-  y = jnp.einsum('bhwc,oh,pw->bopc', xf, mh, mw, precision=jax.lax.Precision.HIGHEST)
+  y = jnp.einsum("bhwc,oh,pw->bopc", xf, mh, mw, precision=jax.lax.Precision.HIGHEST)
   return y.astype(x.dtype)
 
 
-def adaptive_max_pool(x: Array, output_size: Union[int, Tuple[int, int]]) -> Array:
+def adaptive_max_pool(x: Array, output_size: int | tuple[int, int]) -> Array:
   """`nn.AdaptiveMaxPool2d(output_size)` on NHWC."""
   oh, ow = _pair(output_size)
   if (oh, ow) == (1, 1):
@@ -337,4 +375,4 @@ def adaptive_max_pool(x: Array, output_size: Union[int, Tuple[int, int]]) -> Arr
 
 def max_pool_2x2(x: Array) -> Array:
   """`nn.MaxPool2d(2, 2)` (floor mode, no padding) on NHWC."""
-  return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+  return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")

@@ -1,4 +1,4 @@
-"""Fixed noise-residual filters: the three SRM high-pass kernels (BASELINES.md, ManTraNet).
+"""Fixed noise-residual filters: the three SRM high-pass kernels (docs/methods.md, Web-IML).
 
 Manipulations rarely change colours; they change local noise, compression and resampling
 statistics. The SRM kernels (a 3x3 second-order, the 5x5 "KV" and a 1-D second-order filter),
@@ -12,8 +12,19 @@ import numpy as np
 
 _K1 = np.zeros((5, 5), np.float32)
 _K1[1:4, 1:4] = np.array([[-1, 2, -1], [2, -4, 2], [-1, 2, -1]], np.float32) / 4.0
-_K2 = np.array([[-1, 2, -2, 2, -1], [2, -6, 8, -6, 2], [-2, 8, -12, 8, -2], [2, -6, 8, -6, 2],
-                [-1, 2, -2, 2, -1]], np.float32) / 12.0
+_K2 = (
+  np.array(
+    [
+      [-1, 2, -2, 2, -1],
+      [2, -6, 8, -6, 2],
+      [-2, 8, -12, 8, -2],
+      [2, -6, 8, -6, 2],
+      [-1, 2, -2, 2, -1],
+    ],
+    np.float32,
+  )
+  / 12.0
+)
 _K3 = np.zeros((5, 5), np.float32)
 _K3[2, 1:4] = np.array([1, -2, 1], np.float32) / 2.0
 SRM_KERNELS = np.stack([_K1, _K2, _K3])  # (3, 5, 5)
@@ -30,8 +41,13 @@ def srm_residuals(x: jax.Array) -> jax.Array:
   kernel = np.tile(SRM_KERNELS.transpose(1, 2, 0), (1, 1, channels))[:, :, None, :]
   padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
   out = jax.lax.conv_general_dilated(
-      padded, jnp.asarray(kernel), (1, 1), "VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+    padded,
+    jnp.asarray(kernel),
+    (1, 1),
+    "VALID",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=channels,
+  )
   order = [c * 3 + k for k in range(3) for c in range(channels)]
   return out[..., order]
 
@@ -45,6 +61,7 @@ def srm_energy(x: jax.Array, window: int = 5, eps: float = 1e-3) -> jax.Array:
   energy = srm_residuals(x) ** 2
   pad = window // 2
   padded = jnp.pad(energy, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-  summed = jax.lax.reduce_window(padded, 0.0, jax.lax.add, (1, window, window, 1),
-                                 (1, 1, 1, 1), "VALID")
+  summed = jax.lax.reduce_window(
+    padded, 0.0, jax.lax.add, (1, window, window, 1), (1, 1, 1, 1), "VALID"
+  )
   return jnp.log(summed / (window * window) + eps)

@@ -1,4 +1,4 @@
-"""Web-IML: our documented reconstruction (METHODS.md section 6), not a published architecture.
+"""Web-IML: our documented reconstruction (docs/methods.md, Web-IML), not a published architecture.
 
 Web-IML's layers are not public. Its public description names "Multi-Scale Perception" and
 "Self-Rectification"; we build it in the APSC-Net lineage:
@@ -13,8 +13,8 @@ backbone preset 'base', drop_path_rate 0.4 and the default head it *is* APSC-Net
 tree). Every departure is a config switch so ablations can isolate it: the backbone size
 (`model.backbone.preset` or dims/depths, `in_chans`), the fusion ('se' | 'sum'), the number of
 rectification passes (0 = none), the image-level head, and the compute dtype. Web-supervision
-aware training (soft-mask ignore band, per-source / QES-weighted sampling) lives in the input
-pipeline and losses, not here.
+aware training (soft-mask ignore band, per-source repeat factors; QES-weighted sampling is not
+built yet) lives in the input pipeline and losses, not here.
 
 Config (an ml_collections.ConfigDict or a plain dict):
 
@@ -29,62 +29,52 @@ Parameter naming is the APSC-Net one (torch state_dict keys 1:1, numeric indices
 previous name with '_'); see naming.py.
 """
 
+from collections.abc import Mapping
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from miml_jax.errors import UserInputError
-from miml_jax.models import apsc_net
-from miml_jax.models import convnext
-from miml_jax.models import layers
-from miml_jax.models import noise
+from miml_jax.models import apsc_net, common, convnext, layers, noise
 
 Array = jax.Array
 Dtype = Any
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
 class BackboneConfig:
   """The WebIML backbone. Only 'convnext' exists so far (a ViT option may be added)."""
-  name: str = 'convnext'
-  dims: Tuple[int, ...] = convnext.CONVNEXT_PRESETS['base'][0]
-  depths: Tuple[int, ...] = convnext.CONVNEXT_PRESETS['base'][1]
+
+  name: str = "convnext"
+  dims: tuple[int, ...] = convnext.CONVNEXT_PRESETS["base"][0]
+  depths: tuple[int, ...] = convnext.CONVNEXT_PRESETS["base"][1]
   in_chans: int = 3
   drop_path_rate: float = 0.4
   layer_scale_init_value: float = 1.0
 
   @classmethod
-  def from_dict(cls, d: Optional[Mapping[str, Any]]) -> 'BackboneConfig':
+  def from_dict(cls, d: Mapping[str, Any] | None) -> "BackboneConfig":
     """Builds from a dict / ConfigDict with an optional `preset`; unknown keys are errors."""
     d = dict(d or {})
-    name = d.pop('name', 'convnext')
-    if name != 'convnext':
+    name = d.pop("name", "convnext")
+    if name != "convnext":
       raise UserInputError(f"model.backbone.name: {name!r} is not supported (only 'convnext')")
-    preset = d.pop('preset', None)
-    dims, depths = d.pop('dims', None), d.pop('depths', None)
+    preset = d.pop("preset", None)
+    dims, depths = d.pop("dims", None), d.pop("depths", None)
     if preset is None and dims is None and depths is None:
-      preset = 'base'
+      preset = "base"
     dims, depths = convnext.convnext_dims_depths(preset, dims, depths)
-    known = {'in_chans', 'drop_path_rate', 'layer_scale_init_value'}
+    known = {"in_chans", "drop_path_rate", "layer_scale_init_value"}
     unknown = sorted(set(d) - known)
     if unknown:
-      raise UserInputError(f'model.backbone: unknown key(s) {unknown}; known: '
-                           f"{sorted(known | {'name', 'preset', 'dims', 'depths'})}")
+      raise UserInputError(
+        f"model.backbone: unknown key(s) {unknown}; known: "
+        f"{sorted(known | {'name', 'preset', 'dims', 'depths'})}"
+      )
     return cls(name=name, dims=dims, depths=depths, **d)
-
-
-def resolve_dtype(name: Any) -> Dtype:
-  """'float32' / 'bfloat16' / 'float16' (or a dtype) -> a jnp dtype."""
-  if not isinstance(name, str):
-    return name
-  if name not in DTYPES:
-    raise UserInputError(f'model.dtype: {name!r} is not one of {sorted(DTYPES)}')
-  return DTYPES[name]
 
 
 class WebIML(nn.Module):
@@ -94,68 +84,77 @@ class WebIML(nn.Module):
   the input resolution (float32; the caller upsamples), `aux` the deep-supervision logits,
   `image_logits` (B, 2) or None.
   """
+
   backbone: BackboneConfig = BackboneConfig()
   head: apsc_net.APSCHeadConfig = apsc_net.APSCHeadConfig()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   # 'srm': the stem also sees the SRM residuals of each input channel (3 per channel).
-  noise_view: str = 'none'
+  noise_view: str = "none"
   noise_view_gain: float = 10.0
   # Widths of full-resolution 3x3 conv + GELU layers before the backbone's stem; () = none.
-  trace_stem: Tuple[int, ...] = ()
+  trace_stem: tuple[int, ...] = ()
 
   @classmethod
-  def from_config(cls, model_config: Mapping[str, Any]) -> 'WebIML':
+  def from_config(cls, model_config: Mapping[str, Any]) -> "WebIML":
     """Builds from the `model` section of a config (ConfigDict or dict)."""
-    cfg = as_dict(model_config)
-    known = {'name', 'dtype', 'backbone', 'head', 'noise_view', 'noise_view_gain', 'trace_stem'}
+    cfg = common.as_dict(model_config)
+    known = {"name", "dtype", "backbone", "head", "noise_view", "noise_view_gain", "trace_stem"}
     unknown = sorted(set(cfg) - known)
     if unknown:
-      raise UserInputError(f'model: unknown key(s) {unknown} for web_iml; known: {sorted(known)}')
-    return cls(backbone=BackboneConfig.from_dict(as_dict(cfg.get('backbone'))),
-               head=apsc_net.APSCHeadConfig.from_dict(as_dict(cfg.get('head'))),
-               dtype=resolve_dtype(cfg.get('dtype', 'float32')),
-               noise_view=cfg.get('noise_view', 'none'),
-               noise_view_gain=float(cfg.get('noise_view_gain', 10.0)),
-               trace_stem=tuple(int(w) for w in cfg.get('trace_stem', ())))
+      raise UserInputError(f"model: unknown key(s) {unknown} for web_iml; known: {sorted(known)}")
+    return cls(
+      backbone=BackboneConfig.from_dict(common.as_dict(cfg.get("backbone"))),
+      head=apsc_net.APSCHeadConfig.from_dict(common.as_dict(cfg.get("head"))),
+      dtype=common.resolve_dtype(cfg.get("dtype", "float32")),
+      noise_view=cfg.get("noise_view", "none"),
+      noise_view_gain=float(cfg.get("noise_view_gain", 10.0)),
+      trace_stem=tuple(int(w) for w in cfg.get("trace_stem", ())),
+    )
 
   @nn.compact
-  def __call__(self, x: Array, train: bool) -> Dict[str, Any]:
+  def __call__(self, x: Array, train: bool) -> dict[str, Any]:
     bb = self.backbone
-    apsc_net.check_image_input(x, bb.in_chans)
-    if self.noise_view == 'srm_energy':
+    common.check_image_input(x, bb.in_chans)
+    if self.noise_view == "srm_energy":
       # The local energy of those residuals (log scale), which survives the stem's LayerNorm.
       x = jnp.concatenate([x, noise.srm_energy(x).astype(x.dtype)], axis=-1)
-    elif self.noise_view == 'srm':
+    elif self.noise_view == "srm":
       # Our addition (not in APSC-Net): the SRM residuals of every input channel as extra stem
       # channels, scaled so that camera-level noise (a few grey levels, ~0.05 after ImageNet
       # normalisation) reaches the stem near unit scale.
       x = jnp.concatenate(
-          [x, (noise.srm_residuals(x) * self.noise_view_gain).astype(x.dtype)], axis=-1)
-    elif self.noise_view != 'none':
-      raise UserInputError(f"model.noise_view: {self.noise_view!r} is not 'none', 'srm' or "
-                           "'srm_energy'")
+        [x, (noise.srm_residuals(x) * self.noise_view_gain).astype(x.dtype)], axis=-1
+      )
+    elif self.noise_view != "none":
+      raise UserInputError(
+        f"model.noise_view: {self.noise_view!r} is not 'none', 'srm' or 'srm_energy'"
+      )
     for i, width in enumerate(self.trace_stem):
       # Our addition (not in APSC-Net). ConvNeXt's stem is a linear 4x4/4 conv followed by a
       # per-position LayerNorm, which divides out how strong the local high-frequency content
       # is -- exactly the noise level that tells a pasted or re-processed region apart. A few
       # nonlinear full-resolution convs first let the stem's average see that energy.
-      x = layers.conv2d(width, 3, padding=1, in_features=x.shape[-1], dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=f'trace_stem_{i}')(x)
+      x = layers.conv2d(
+        width,
+        3,
+        padding=1,
+        in_features=x.shape[-1],
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"trace_stem_{i}",
+      )(x)
       x = nn.gelu(x, approximate=False)
-    feats = convnext.ConvNeXt(dims=bb.dims, depths=bb.depths, in_chans=x.shape[-1],
-                              drop_path_rate=bb.drop_path_rate,
-                              layer_scale_init_value=bb.layer_scale_init_value,
-                              dtype=self.dtype, param_dtype=self.param_dtype,
-                              name='backbone')(x, train)
-    return apsc_net.APSCHead(self.head, self.dtype, self.param_dtype,
-                             name='decode_head')(feats, train)
-
-
-def as_dict(c: Any) -> Dict[str, Any]:
-  """A ConfigDict / mapping / None as a plain (shallow) dict."""
-  if c is None:
-    return {}
-  if hasattr(c, 'to_dict'):
-    return c.to_dict()
-  return dict(c)
+    feats = convnext.ConvNeXt(
+      dims=bb.dims,
+      depths=bb.depths,
+      in_chans=x.shape[-1],
+      drop_path_rate=bb.drop_path_rate,
+      layer_scale_init_value=bb.layer_scale_init_value,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="backbone",
+    )(x, train)
+    return apsc_net.APSCHead(self.head, self.dtype, self.param_dtype, name="decode_head")(
+      feats, train
+    )

@@ -1,0 +1,75 @@
+"""Pair classification (the task of CAAA's pair classifier): a 6-channel ConvNeXt learns, from
+an (authentic, forged) pair, whether the two share a source, whether they are aligned, and where
+a cropped one lies in the other -- self-supervised, from single photos.
+
+    miml-jax train --config experiments/pair_classification.py --workdir workdirs/pair_cls
+
+Pairs are `pair_synth:` pairs (docs/datasets.md) made on the fly from the COCO photos: a copy,
+a crop, or another photo, with random Bezier blobs of a third photo pasted in. Training and
+validation pairs come from disjoint photos (data.pair_synth.holdout, 10% held out by a hash of
+the file name). The path is relative to the repository root (this project's development data);
+point it at any folder of photos.
+
+This is the skeleton the CAAA recipe fills (the XL classifier, 512^2 inputs, the official
+augmentations come with it); `:tiny` is the same for a few steps on CPU-sized shapes, what CI
+trains.
+
+Expected (2-core CPU): see the "Measured" line, filled from the run in this file's history.
+"""
+
+import ml_collections
+
+import common
+
+PHOTOS = "../shared/data/coco_mini/images"
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg not in (None, "", "tiny"):
+    raise ValueError(f"experiments/pair_classification.py: unknown variant {arg!r} (have: tiny)")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.task = "pair_classification"
+  steps = ml_collections.FieldReference(600)
+
+  c.data = common.data(
+    train=f"pair_synth:{PHOTOS}", validation=f"pair_synth:{PHOTOS}", image_size=128
+  )
+  # Each image is resized on its own, then JPEG and RGB shift per image; no flips or crops
+  # (they would change what 'aligned' and the box mean).
+  c.input = common.input_pipeline(
+    batch_size=16,
+    num_workers=0,
+    augment=common.augment(crop_size=128, jpeg_prob=0.5, jpeg_quality=(60, 100), rgb_shift=10),
+  )
+  c.model = dict(
+    name="pair_classifier",
+    dtype="float32",
+    backbone=dict(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), in_chans=6, drop_path_rate=0.0),
+    head=dict(dropout=0.1, num_outputs=8),
+  )
+  c.loss = dict(same_source_weight=1.0, aligned_weight=1.0, box_weight=1.0, box_beta=1 / 4096)
+  c.optim = common.optim(
+    steps, lr=1e-3, layer_decay=1.0, warmup_steps=50, schedule="cosine", grad_clip_norm=1.0
+  )
+  c.mesh = common.mesh()
+  c.train = common.train(
+    steps,
+    log_every=25,
+    checkpoint_every=200,
+    eval_every=200,
+    keep_checkpoints=2,
+    best_metric="route_accuracy",
+  )
+  c.eval = common.evaluation(threshold_policy="fixed", resize="none", batch_size=16)
+
+  if arg == "tiny":
+    steps.set(3)
+    c.data.update(image_size=64)
+    c.input.update(batch_size=4)
+    c.input.augment.update(crop_size=64)
+    c.model.backbone.update(dims=(8, 8, 16, 16))
+    c.optim.warmup_steps = 1
+    c.train.update(log_every=1, checkpoint_every=2, eval_every=2)
+    c.eval.update(batch_size=4)
+  return c
