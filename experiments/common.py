@@ -40,6 +40,9 @@ def data(**overrides) -> dict:
       # Unreadable examples: 'raise' stops with the file named; 'skip' leaves them out and
       # lists them in <workdir>/skipped_examples.txt.
       on_error="raise",
+      # Images with more pixels are refused from their header before decoding (decompression
+      # bombs); 2**28 = 16384^2 admits any camera photo.
+      max_image_pixels=2**28,
       # The recipes of the coco: (Object Jitter, docs/methods.md) and coco_splice: /
       # coco_copymove: sources, every field overridable (their docstrings say what each is);
       # the defaults are the spec's and this project's reconstruction.
@@ -156,6 +159,8 @@ def train(steps, **overrides) -> dict:
       eval_every=16_000,
       keep_checkpoints=3,
       nan_policy="stop",
+      # An update over this times the weights (||update|| / ||params||) counts as non-finite.
+      max_update_ratio=1.0,
       # Also keep the checkpoint(s) with the best validation score ('' for none) in
       # <workdir>/best/; eval / predict take --checkpoint <workdir>/best.
       best_metric="iou",
@@ -172,9 +177,20 @@ def train(steps, **overrides) -> dict:
 def evaluation(**overrides) -> dict:
   """`eval`: validation and `miml-jax eval`. threshold_policy 'fixed' uses `threshold`,
   'image_head' the official clamp(1 - p, .3, .7); resize 'miml' is the official test-time
-  resize."""
+  resize. A batch holds at most max_batch_pixels padded pixels per device; an image over it is
+  predicted in overlapping tiles (large_image 'tile') or downscaled to fit ('downscale')."""
   return _override(
     "eval",
-    dict(batch_size=8, threshold_policy="image_head", threshold=0.5, resize="miml", num_pictures=8),
+    dict(
+      batch_size=8,
+      threshold_policy="image_head",
+      threshold=0.5,
+      resize="miml",
+      num_pictures=8,
+      max_batch_pixels=2**22,
+      large_image="tile",
+      tile_size=1024,
+      tile_overlap=128,
+    ),
     overrides,
   )

@@ -6,15 +6,22 @@ a cropped one lies in the other -- self-supervised, from single photos.
 
 Pairs are `pair_synth:` pairs (docs/datasets.md) made on the fly from the COCO photos: a copy,
 a crop, or another photo, with random Bezier blobs of a third photo pasted in. Training and
-validation pairs come from disjoint photos (data.pair_synth.holdout, 10% held out by a hash of
-the file name). The path is relative to the repository root (this project's development data);
-point it at any folder of photos.
+validation pairs come from disjoint photos (data.pair_synth.holdout: 20% held out by a hash of
+the file name, 140 of coco_mini's photos). The path is relative to the repository root (this
+project's development data); point it at any folder of photos.
 
 This is the skeleton the CAAA recipe fills (the XL classifier, 512^2 inputs, the official
 augmentations come with it); `:tiny` is the same for a few steps on CPU-sized shapes, what CI
 trains.
 
-Expected (2-core CPU): see the "Measured" line, filled from the run in this file's history.
+Measured (this project's 2-core CPU VM, shared with a test run; 18 min for 1500 steps, 1.5
+steps/s): on the 140 held-out pairs, route accuracy 0.893 against 0.500 for always answering the
+majority route; same-source accuracy 0.893, aligned accuracy 1.000 (same-source pairs), crop-box
+IoU 0.731 against 0.648 for the best constant box (a centred square of side 0.82, by simulation
+of the crop recipe). Validation at steps 300 / 600 / 900 / 1200: route accuracy 0.843 / 0.814 /
+0.879 / 0.893. Two recipe choices made it learn: joint flips and quarter turns (the box moves
+with them) and a learning rate of 5e-4; without them (600 steps, lr 1e-3) the model memorised the
+training photos: route accuracy 0.51 at a training loss of 0.11.
 """
 
 import ml_collections
@@ -30,11 +37,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.task = "pair_classification"
-  steps = ml_collections.FieldReference(600)
+  steps = ml_collections.FieldReference(1500)
 
   c.data = common.data(
     train=f"pair_synth:{PHOTOS}", validation=f"pair_synth:{PHOTOS}", image_size=128
   )
+  # A fifth of the photos held out: 140 validation pairs from coco_mini, enough to tell a
+  # learned router from the majority route.
+  c.data.pair_synth["holdout"] = 0.2
   # Each image is resized on its own, then JPEG and RGB shift per image; no flips or crops
   # (they would change what 'aligned' and the box mean).
   c.input = common.input_pipeline(
@@ -50,14 +60,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   c.loss = dict(same_source_weight=1.0, aligned_weight=1.0, box_weight=1.0, box_beta=1 / 4096)
   c.optim = common.optim(
-    steps, lr=1e-3, layer_decay=1.0, warmup_steps=50, schedule="cosine", grad_clip_norm=1.0
+    steps, lr=5e-4, layer_decay=1.0, warmup_steps=50, schedule="cosine", grad_clip_norm=1.0
   )
   c.mesh = common.mesh()
   c.train = common.train(
     steps,
     log_every=25,
-    checkpoint_every=200,
-    eval_every=200,
+    checkpoint_every=300,
+    eval_every=300,
     keep_checkpoints=2,
     best_metric="route_accuracy",
   )

@@ -87,5 +87,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = common.train(
     steps, log_every=25, checkpoint_every=100, eval_every=100, keep_checkpoints=2
   )
-  c.eval = common.evaluation(threshold_policy="fixed", resize="none")
+  # resize 'miml' (the official rule) keeps these 128 x 128 PNGs at their own size.
+  c.eval = common.evaluation(threshold_policy="fixed", resize="miml")
   return c

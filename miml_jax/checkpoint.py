@@ -9,11 +9,16 @@ items, so inference can restore the weights without the optimiser:
 The input pipeline's state is `train.step`: the pipeline is a pure function of the global batch
 index (input/pipeline.py), so a resumed run rebuilds it at that step.
 Saves are asynchronous; `close()` waits for the last one. A run killed mid-save leaves only an
-orbax temporary directory, which is neither listed nor restored.
+orbax temporary directory, which is neither listed nor restored. A finished checkpoint that
+cannot be read back (a truncated data file, a zeroed `_METADATA`) is named in a warning and the
+next older one is used (`restore_newest_intact`): by the trainer when it resumes, and by `eval`,
+`predict` and `demo` unless a step was asked for.
 """
 
 import json
 import os
+import re
+import sys
 
 import jax
 import ml_collections
@@ -114,12 +119,19 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
   `path` is a training workdir (its latest checkpoints/ are used), a directory of `<step>/`
   checkpoints itself, such as `<workdir>/best`, or one step's folder (`<workdir>/best/900`).
   """
+  directory, steps, _ = _locate(path, step)
+  return directory, steps[-1]
+
+
+def _locate(path: str, step: int | None) -> tuple[str, list[int], bool]:
+  """(checkpoint directory, its steps up to the one to use (oldest first), whether that step
+  was asked for: a --step or a step's folder, which is never swapped for an older one)."""
   path = os.path.abspath(path)
   base = os.path.basename(path)
   if base.isdigit() and os.path.isdir(path) and int(base) in _steps(os.path.dirname(path)):
     if step is not None and step != int(base):
       raise UserInputError(f"{path} is the checkpoint of step {base}, not of step {step}")
-    return os.path.dirname(path), int(base)
+    return os.path.dirname(path), [int(base)], True
   directory = checkpoint_dir(path)
   if not os.path.isdir(directory):
     if not (os.path.isdir(path) and _steps(path)):
@@ -132,21 +144,104 @@ def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
   if not steps:
     raise UserInputError(f"{directory}: holds no finished checkpoint")
   if step is None:
-    return directory, steps[-1]
+    return directory, steps, False
   if step not in steps:
     raise UserInputError(f"{directory}: no checkpoint for step {step} (have {steps})")
-  return directory, step
+  return directory, [step], True
+
+
+def short_reason(error: BaseException) -> str:
+  """One short line for why a checkpoint could not be read: the root cause of an orbax /
+  TensorStore / JSON error (they chain several, each many lines long), without file paths."""
+  while error.__cause__ is not None or (
+    error.__context__ is not None and not error.__suppress_context__
+  ):
+    error = error.__cause__ or error.__context__
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  text = re.sub(r' in OCDBT database at local file "[^"]*"', "", text)
+  # Absolute paths (quoted or not) shortened to their last part.
+  text = re.sub(
+    r"([\"'])(/[^\"']*)\1", lambda m: m[1] + os.path.basename(m[2].rstrip("/")) + m[1], text
+  )
+  text = re.sub(r"(?<![^\s(\[])/[^\s,;:)\]]+", lambda m: os.path.basename(m.group(0)), text)
+  text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+  return text if len(text) <= 160 else text[:157] + "..."
+
+
+# The JSON files orbax writes into a step's folder (and each item's): its own metadata.
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
+
+
+def _broken_json(step_dir: str, error: Exception) -> str:
+  """short_reason, with the file at fault when it is a JSON file that does not parse (orbax's
+  JSONDecodeError names none)."""
+  reason = short_reason(error)
+  if not reason.startswith("JSONDecodeError"):
+    return reason
+  for root, _, files in sorted(os.walk(step_dir)):
+    for name in sorted(files):
+      if name in _JSON_FILES:
+        path = os.path.join(root, name)
+        try:
+          with open(path, "rb") as f:
+            json.loads(f.read())
+        except (OSError, ValueError):
+          return f"{os.path.relpath(path, step_dir)}: {reason}"
+  return reason
+
+
+def restore_newest_intact(directory: str, steps: list[int], restore, pinned: bool = False):
+  """`restore(step)` for each of `steps`, newest first, until one succeeds: returns (step, what
+  it returned, the newer steps that could not be read).
+
+  Each unreadable step is warned about on stderr, `warning: <directory>/<step> is unreadable
+  (<reason>); using step <older>`. pinned: only the newest step may be used (a step the user
+  asked for). None readable: a one-line UserInputError naming the directory and the reason.
+  A UserInputError from `restore` (a config this version refuses, say) is not unreadability:
+  it is raised as it is.
+  """
+  failures = []
+  for step in sorted(steps, reverse=True)[: 1 if pinned else None]:
+    try:
+      restored = restore(step)
+    except UserInputError:
+      raise
+    except Exception as e:  # orbax, TensorStore and json raise many types; all mean unreadable.
+      failures.append((step, _broken_json(os.path.join(directory, str(step)), e)))
+      continue
+    if jax.process_index() == 0:
+      for broken, reason in failures:
+        print(
+          f"warning: {directory}/{broken} is unreadable ({reason}); using step {step}",
+          file=sys.stderr,
+          flush=True,
+        )
+    return step, restored, [broken for broken, _ in failures]
+  newest, reason = failures[0]
+  others = (
+    f"; so are the older step(s) {', '.join(str(s) for s, _ in failures[1:])}"
+    if len(failures) > 1
+    else ""
+  )
+  if pinned:
+    raise UserInputError(f"{directory}/{newest} is unreadable ({reason})")
+  raise UserInputError(
+    f"{directory}/{newest} is unreadable ({reason}){others}; no intact checkpoint to use"
+  )
 
 
 def load_model(path: str, step: int | None = None):
-  """Loads (config, model, variables, step) of a checkpoint for inference on the local devices."""
-  from miml_jax import models  # Local import keeps this module light for the trainer's import.
+  """Loads (config, model, variables, step) of a checkpoint for inference on the local devices.
 
-  directory, step = find_checkpoint(path, step)
+  Without `step` (and for a directory of steps) the newest readable step is used: a broken
+  newer one is warned about (restore_newest_intact)."""
+  # Local imports keep this module light for the trainer's import.
+  from miml_jax import models, tasks
+
+  directory, steps, pinned = _locate(path, step)
   checkpointer = Checkpointer(directory, max_to_keep=None, read_only=True)
-  try:
-    from miml_jax import tasks
 
+  def restore(step):
     config = tasks.validate_config(checkpointer.restore_config(step))
     model = models.build_model(config.model)
     abstract = models.abstract_variables(model, config)
@@ -154,16 +249,31 @@ def load_model(path: str, step: int | None = None):
     abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract
     )
-    try:
-      variables = checkpointer.restore_model(step, abstract)
-    except (ValueError, KeyError) as e:
-      raise UserInputError(
-        f"{directory}: checkpoint step {step} does not match the model in its own config "
-        f"({config.model.name}): {e}"
-      ) from e
+    return config, model, checkpointer.restore_model(step, abstract)
+
+  try:
+    step, (config, model, variables), _ = restore_newest_intact(
+      directory, steps, restore, pinned=pinned
+    )
   finally:
     checkpointer.close()
   return config, model, variables, step
+
+
+def set_aside(directory: str, steps: list[int]) -> list[str]:
+  """Moves unreadable `<directory>/<step>` folders to `<directory>.unreadable/<step>` (kept for
+  a look, out of the way of new saves of the same steps); returns where each went."""
+  moved = []
+  for step in steps:
+    target = os.path.join(f"{directory}.unreadable", str(step))
+    suffix = 1
+    while os.path.exists(target):
+      target = os.path.join(f"{directory}.unreadable", f"{step}_{suffix}")
+      suffix += 1
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(os.path.join(directory, str(step)), target)
+    moved.append(target)
+  return moved
 
 
 def load_for_inference(

@@ -51,12 +51,24 @@ def _emit(args, obj: dict, human: str):
     print(human)
 
 
-def _prepare_out_dir(path: str, overwrite: bool):
+def _check_out_dir(path: str, overwrite: bool):
+  """--out must be a directory we can write (or create), new or empty unless --overwrite;
+  checked before anything is loaded or created."""
+  from miml_jax import train
+
+  train.check_output_dir(path, "--out")
   if os.path.isdir(path) and os.listdir(path) and not overwrite:
     raise UserInputError(
       f"{path}: exists and is not empty; choose another --out or pass --overwrite"
     )
-  os.makedirs(path, exist_ok=True)
+
+
+def _threshold_arg(flag: str, text: str) -> float:
+  """A fixed binarisation threshold from the command line: a number in [0, 1]."""
+  value = _float_arg(flag, text)
+  if not 0 <= value <= 1:
+    raise UserInputError(f"{flag} {text}: expected a number in [0, 1] or image_head")
+  return value
 
 
 # ---- train -----------------------------------------------------------------------------------
@@ -105,14 +117,21 @@ def _json_result(result: dict) -> dict:
 def cmd_eval(args, overrides):
   import jax
 
-  from miml_jax import evaluate, perturb, report, sharding, tasks
+  from miml_jax import evaluate, perturb, report, sharding, tasks, train
   from miml_jax.input import sources
 
   main_process = _is_main_process()
   points = perturb.parse(args.perturb or [])
   conventions = evaluate.parse_conventions(args.conventions) if args.conventions else None
+  # Every flag is checked before the checkpoint is loaded, and --out created only to write.
+  if args.threshold not in (None, "image_head"):
+    _threshold_arg("--threshold", args.threshold)
+  if args.limit is not None and args.limit < 1:
+    raise UserInputError(f"--limit {args.limit}: expected a number of images >= 1")
+  if args.pictures < 0:
+    raise UserInputError(f"--pictures {args.pictures}: expected a number of images >= 0")
   if args.out and main_process:
-    _prepare_out_dir(args.out, args.overwrite)
+    _check_out_dir(args.out, args.overwrite)
   config, model, variables, step = _load_for_inference(args, overrides)
   dense = isinstance(tasks.build(config), tasks.DenseTask)
   if not dense and (points or args.conventions or args.threshold is not None):
@@ -125,7 +144,7 @@ def cmd_eval(args, overrides):
       config.eval.threshold_policy = "image_head"
     elif args.threshold is not None:
       config.eval.threshold_policy = "fixed"
-      config.eval.threshold = _float_arg("--threshold", args.threshold)
+      config.eval.threshold = _threshold_arg("--threshold", args.threshold)
     if args.resize is not None:
       config.eval.resize = args.resize
   config = tasks.validate_config(config)  # --threshold 2 is refused like eval.threshold=2.
@@ -133,7 +152,11 @@ def cmd_eval(args, overrides):
   source = sources.source_from_config(data, "validation", config.data)
   # Every device of every process runs the model; each batch is split over them.
   mesh = sharding.make_mesh(None)
-  predictor = evaluate.make_predictor(model, variables, config, mesh)
+  # NaN / inf maps are the checkpoint's fault, said so (exit EXIT_NON_FINITE).
+  predictor = train.FiniteOutputs(
+    evaluate.make_predictor(model, variables, config, mesh),
+    f"{_weights_name(args)}" + (f" @ step {step}" if step is not None else ""),
+  )
   task = predictor.task
   # Pictures go into the report (best and worst images), not a predictions.png.
   result = task.evaluate(
@@ -169,6 +192,7 @@ def cmd_eval(args, overrides):
   if sweep:
     result["robustness"] = sweep
   if args.out:
+    os.makedirs(args.out, exist_ok=True)
     pictures = result.pop("pictures", {})
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
       json.dump(result, f, indent=2, default=float)
@@ -223,7 +247,15 @@ def _load_for_inference(args, overrides):
 
 
 def _weights_name(args) -> str:
-  return os.path.abspath(args.checkpoint or args.init)
+  """--checkpoint / --init as reports record it: as given, or relative to the working directory
+  when it lies under it, never made absolute (a report names no path of the machine it ran on
+  that the user did not type)."""
+  path = os.path.normpath(args.checkpoint or args.init)
+  if os.path.isabs(path):
+    relative = os.path.relpath(path)
+    if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
+      return relative
+  return path
 
 
 def _add_weights_args(sub):
@@ -260,12 +292,13 @@ def _float_arg(flag: str, text: str) -> float:
 
 # ---- predict ---------------------------------------------------------------------------------
 def cmd_predict(args, overrides):
-  from miml_jax import evaluate, predict
+  from miml_jax import evaluate, predict, train
 
   # None: the official per-image rule from the image head, as eval's --threshold image_head.
   fixed_threshold = (
-    None if args.threshold == "image_head" else _float_arg("--threshold", args.threshold)
+    None if args.threshold == "image_head" else _threshold_arg("--threshold", args.threshold)
   )
+  train.check_output_dir(args.out, "--out")
   config, model, variables, _ = _load_for_inference(args, overrides)
   predictor = predict.Predictor(model, variables, config, batch_size=1, resize=args.resize)
   task = predictor.task
@@ -316,6 +349,8 @@ def cmd_qes(args, overrides):
 def cmd_demo(args, overrides):
   from miml_jax import demo
 
+  if not 0 <= args.threshold <= 1:
+    raise UserInputError(f"--threshold {args.threshold:g}: expected a number in [0, 1]")
   demo.require_gradio()  # Before loading models: a missing extra should not cost a load first.
   models = demo.load_models(args.model or [], args.init, args.config, overrides, resize=args.resize)
   url = f"http://{args.host}:{args.port}"
@@ -528,9 +563,12 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--resize", choices=("none", "miml"), help="test-time resize rule")
   ev.add_argument(
     "--conventions",
-    help="other conventions to score: all (default), none, or "
-    "a comma-separated subset of fixed_0.5, best_per_image, "
-    "best_per_image_inverse, trufor_fixed_0.5, trufor_best",
+    help="other conventions to score: all (default), none, or a comma-separated subset of "
+    "fixed_0.5, best_per_image, best_per_image_inverse, trufor_fixed_0.5, trufor_best (TruFor's "
+    "script, NaN and nanmean as it), trufor_band_fixed_0.5, trufor_band_best (its band, every "
+    "image scored), miml_official (the official scripts: every image, authentic ones add 0, the "
+    "'/imd' rule), imdlbenco, imdlbenco_double (IMDLBenCo's evaluators, every image); "
+    "docs/evaluation.md",
   )
   ev.add_argument(
     "--perturb",
@@ -572,7 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     help="binarisation threshold: a number "
     "(default 0.5), or image_head (clamp(1 - p, 0.3, 0.7) per image)",
   )
-  pr.add_argument("--resize", choices=("none", "miml"), default="none")
+  pr.add_argument(
+    "--resize", choices=("none", "miml"), help="default: the checkpoint's eval.resize"
+  )
   pr.add_argument("--qes", action="store_true", help="also report QES of each prediction")
   pr.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 

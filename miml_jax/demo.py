@@ -165,7 +165,7 @@ def read_upload(path: str | None, max_pixels: int) -> tuple[np.ndarray, str, boo
     raise UserInputError("no file was uploaded")
   name = os.path.basename(path)
   data = io.read_bytes(path)
-  header_size = _header_size(path, name)
+  header_size = io.header_size(data, name, max_pixels, hint=UPLOAD_HINT)
   if header_size is not None:
     _check_pixels(name, *header_size, max_pixels)
   image = io.decode_image(data, name)
@@ -173,25 +173,7 @@ def read_upload(path: str | None, max_pixels: int) -> tuple[np.ndarray, str, boo
   return image, name, data[:3] == b"\xff\xd8\xff"
 
 
-def _header_size(path: str, name: str) -> tuple[int, int] | None:
-  """(width, height) from the file's header without decoding it, or None if Pillow cannot say
-  (then OpenCV decides whether it is an image at all)."""
-  import warnings
-
-  from PIL import Image
-
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # We check the size.
-      with Image.open(path) as image:
-        return image.size
-  except Image.DecompressionBombError:
-    raise UserInputError(
-      f"{name}: more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, which "
-      f"Pillow refuses to open (a possible decompression bomb)"
-    ) from None
-  except (OSError, ValueError, SyntaxError):
-    return None
+UPLOAD_HINT = "upload a smaller image (the demo's limit is --max-pixels)"
 
 
 def _check_pixels(name: str, width: int, height: int, max_pixels: int):

@@ -9,7 +9,10 @@ confusion matrix), and pixel AUC per image (mean) and pooled. Threshold
 (`eval.threshold_policy`): 'fixed' uses `eval.threshold`; 'image_head' is the official rule
 t = clamp(1 - p_tampered_image, 0.3, 0.7), p from the model's image-level head. Test-time resize
 (`eval.resize`): 'none' (every image at its own size) or 'miml' (transforms.test_size).
-Only images whose mask has a tampered pixel are scored for localisation, as in the protocol.
+Only images whose mask has a tampered pixel are scored for the headline. The official MIML
+scripts average over every file of the test folder instead, so an authentic image adds zeros
+there; their folders hold tampered images only, where the two agree, and on any other data that
+mean is the `miml_official` convention (CONVENTIONS), reported next to the headline.
 
 Other conventions (`eval.conventions`, a comma-separated subset of CONVENTIONS or 'all'), each
 reported under its own key in `conventions`, never mixed into the headline: see CONVENTIONS.
@@ -44,7 +47,8 @@ def threshold_for(eval_cfg, image_prob: float) -> float:
 
 
 def image_head_threshold(image_prob: float) -> float:
-  """The official rule: t = clamp(1 - p_tampered_image, 0.3, 0.7), p from the image head."""
+  """The official rule: t = clamp(1 - p_tampered_image, 0.3, 0.7), p from the image head (without
+  its exception for paths with '/imd', which only the miml_official convention applies)."""
   if np.isnan(image_prob):
     raise UserInputError(
       "threshold image_head, but the model has no image head (model.head.image_head=False)"
@@ -68,18 +72,35 @@ def make_predictor(model, variables, config, mesh=None) -> Predictor:
   )
 
 
-# name -> what it computes. Means are over manipulated images; F1 etc. use the protocol's
-# formulas (metrics.scores_from_counts), which TruFor's 2TP / (2TP + FP + FN) equals to ~1e-6.
+# name -> what it computes (the one-line descriptions that also go into the JSON; the exact rules
+# are in docs/evaluation.md#other-conventions). Unless it says otherwise, a convention averages
+# over the manipulated images (those the headline scores) with the protocol's formulas
+# (metrics.scores_from_counts); the reference restatements are metrics.trufor_scores,
+# miml_official_scores and imdlbenco_scores.
 CONVENTIONS = {
   "fixed_0.5": "prob > 0.5, per image then averaged (the most common third-party number)",
   "best_per_image": "each image at its own best-F1 threshold (an oracle upper bound)",
   "best_per_image_inverse": "best threshold, the better of map and 1 - map (TruFor's max)",
-  "trufor_fixed_0.5": "TruFor's script: boundary band not scored (erode 15, dilate 11), "
-  "max(F1(map), F1(1 - map)) at 0.5",
-  "trufor_best": "TruFor's script: boundary band not scored, best threshold, either polarity",
+  "trufor_fixed_0.5": "TruFor's test_docker/metrics.py: boundary band not scored (erode 15, "
+  "dilate 11), max(F1(map), F1(1 - map)) at 0.5; NaN where its script fails, nanmean (F1 only)",
+  "trufor_best": "TruFor's script: band not scored, best threshold of either polarity; NaN "
+  "where no pixel is scored, nanmean (F1 only)",
+  "trufor_band_fixed_0.5": "TruFor's band, scored 0/1 where TruFor gives NaN: every manipulated "
+  "image counts; the protocol's formulas",
+  "trufor_band_best": "TruFor's band and best threshold of either polarity, scored 0/1 where "
+  "TruFor gives NaN",
+  "miml_official": "the official MIML scripts: mean over EVERY image (authentic ones add 0), "
+  "t = clamp(1 - p_image, 0.3, 0.7), or 0.5 without an image head or for paths with '/imd'",
+  "imdlbenco": "IMDLBenCo's PixelF1 / PixelIOU / PixelAUC ('origin'): gt = grey > 127.5, prob "
+  "> 0.5, mean over EVERY image (authentic ones add 0), AUC without tie grouping",
+  "imdlbenco_double": "IMDLBenCo's 'double' modes: F1 of the better of pred and NOT pred (0.5 "
+  "counts inverted), IoU of the better of prob and 1 - prob > 0.5 (0.5 never counts), max AUC",
 }
 TRUFOR_BAND = (15, 11)
 IMAGE_SCORE_THRESHOLD = 0.5
+# Conventions that average over every image, authentic ones included, as their scripts do.
+_EVERY_IMAGE = ("miml_official", "imdlbenco", "imdlbenco_double")
+_SCORE_KEYS = ("iou", "precision", "recall", "f1")
 
 
 def parse_conventions(value) -> tuple[str, ...]:
@@ -97,16 +118,54 @@ def parse_conventions(value) -> tuple[str, ...]:
   return tuple(value)
 
 
+def _mean(values) -> float:
+  return float(np.mean(values)) if len(values) else float("nan")
+
+
+def _nanmean(values) -> float:
+  kept = [v for v in values if not np.isnan(v)]
+  return float(np.mean(kept)) if kept else float("nan")
+
+
 class ConventionScores:
-  """Per-image scores under each named convention; `summary()` averages them."""
+  """Per-image scores under each named convention; `summary()` averages them.
+
+  `add` takes every image, authentic ones included: the conventions of _EVERY_IMAGE average over
+  all of them, the others over the images whose mask has a tampered pixel (mask > 0).
+  """
 
   def __init__(self, names):
     self.names = tuple(names)
     self.fixed = metrics_lib.MetricAccumulator() if "fixed_0.5" in self.names else None
     self.rows = {name: [] for name in self.names if name != "fixed_0.5"}
 
-  def add(self, prob, gt, name):
+  def add(self, prob, mask, name, image_prob: float = float("nan"), path: str | None = None):
+    """Scores one image. mask: its grey mask (uint8 0..255; a boolean one counts True as 255);
+    image_prob: the image head's p_tampered (NaN without one); path: the string the official
+    MIML threshold rule looks for '/imd' in (default: name). Returns the per-image row
+    ({NAME_f1: ...}), empty for an authentic image."""
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+      mask = mask.astype(np.uint8) * np.uint8(255)
+    gt = mask > 0
+    manipulated = bool(gt.any())
     row = {}
+    if "miml_official" in self.rows:
+      threshold = metrics_lib.miml_official_threshold(name if path is None else path, image_prob)
+      scores = metrics_lib.miml_official_scores(prob, gt, threshold)
+      imd = "/imd" in str(name if path is None else path).lower()
+      self.rows["miml_official"].append(dict(scores, authentic=not manipulated, imd_path=imd))
+      row["miml_official_f1"] = scores["f1"]
+    if {"imdlbenco", "imdlbenco_double"} & set(self.rows):
+      benco_gt = mask > 127.5  # IMDLBenCo: mean of the RGB channels > 127.5.
+      scores = metrics_lib.imdlbenco_scores(prob, benco_gt)
+      for key, suffix in (("imdlbenco", ""), ("imdlbenco_double", "_double")):
+        if key in self.rows:
+          entry = {score: scores[score + suffix] for score in ("f1", "iou", "auc")}
+          self.rows[key].append(dict(entry, authentic=not benco_gt.any()))
+          row[f"{key}_f1"] = entry["f1"]
+    if not manipulated:
+      return {}
     if self.fixed is not None:
       row["fixed_0.5_f1"] = self.fixed.add(prob, gt, threshold=0.5, name=name)["f1"]
     band = (
@@ -120,16 +179,26 @@ class ConventionScores:
       if {"best_per_image", "best_per_image_inverse"} & set(self.rows)
       else None
     )
+    trufor = (
+      metrics_lib.trufor_scores(prob, gt, *TRUFOR_BAND, band=band)
+      if {"trufor_fixed_0.5", "trufor_best"} & set(self.rows)
+      else None
+    )
     for key in self.rows:
+      if key in _EVERY_IMAGE:
+        continue
       if key == "best_per_image":
         scores = dict(oracle[0])
       elif key == "best_per_image_inverse":
         scores = dict(oracle[1])
-      elif key == "trufor_fixed_0.5":
+      elif key in ("trufor_fixed_0.5", "trufor_best"):
+        kind = "fixed" if key == "trufor_fixed_0.5" else "best"
+        scores = {"f1": trufor[f"f1_{kind}"], "inverted": trufor[f"inverted_{kind}"]}
+      elif key == "trufor_band_fixed_0.5":
         scores = metrics_lib.fixed_threshold_scores(prob, band[1], 0.5, valid=band[0], inverse=True)
-      else:  # trufor_best
+      else:  # trufor_band_best
         scores = metrics_lib.best_threshold_scores(prob, band[1], valid=band[0], inverse=True)
-      if key.startswith("trufor"):
+      if key.startswith("trufor_band"):
         scores["band_empty"] = not band[1].any()  # Object thinner than the erosion: F1 = 0.
       self.rows[key].append(scores)
       row[f"{key}_f1"] = scores["f1"]
@@ -141,13 +210,26 @@ class ConventionScores:
       result["fixed_0.5"] = self.fixed.summary()
     for key, rows in self.rows.items():
       entry = {"num_images": len(rows)}
-      for score in ("iou", "precision", "recall", "f1"):
-        entry[score] = float(np.mean([r[score] for r in rows])) if rows else float("nan")
-      entry["inverted_fraction"] = (
-        float(np.mean([r["inverted"] for r in rows])) if rows else float("nan")
-      )
-      if key.startswith("trufor"):
-        entry["num_band_empty"] = int(sum(r["band_empty"] for r in rows))
+      if key in ("trufor_fixed_0.5", "trufor_best"):
+        # TruFor's script reports F1 only, as np.nanmean over images.
+        entry.update({score: float("nan") for score in _SCORE_KEYS})
+        entry["f1"] = _nanmean([r["f1"] for r in rows])
+        entry["num_nan"] = int(sum(np.isnan(r["f1"]) for r in rows))
+        entry["inverted_fraction"] = _mean([r["inverted"] for r in rows if not np.isnan(r["f1"])])
+      elif key == "miml_official":
+        entry.update({score: _mean([r[score] for r in rows]) for score in _SCORE_KEYS})
+        entry["num_authentic"] = int(sum(r["authentic"] for r in rows))
+        entry["num_imd_path"] = int(sum(r["imd_path"] for r in rows))  # Scored at 0.5.
+      elif key in ("imdlbenco", "imdlbenco_double"):
+        entry.update({score: float("nan") for score in ("precision", "recall")})
+        entry.update({score: _mean([r[score] for r in rows]) for score in ("iou", "f1")})
+        entry["pixel_auc"] = _mean([r["auc"] for r in rows])  # NaN propagates, as there.
+        entry["num_authentic"] = int(sum(r["authentic"] for r in rows))
+      else:
+        entry.update({score: _mean([r[score] for r in rows]) for score in _SCORE_KEYS})
+        entry["inverted_fraction"] = _mean([r["inverted"] for r in rows])
+        if key.startswith("trufor_band"):
+          entry["num_band_empty"] = int(sum(r["band_empty"] for r in rows))
       result[key] = entry
     for key, entry in result.items():
       entry["description"] = CONVENTIONS[key]
@@ -227,14 +309,20 @@ def evaluate(
         "score_head": float(image_prob),
       }
     )
+    # Every image: some conventions (miml_official, imdlbenco*) average authentic ones too.
+    convention_row = others.add(
+      prob, sample["mask"], sample["id"], image_prob=image_prob, path=sample.get("path")
+    )
     if not gt.any():
-      skipped_authentic += 1  # Authentic images get no localisation score in the protocol.
+      # The headline scores manipulated images only (the official scripts' mean over every
+      # file is the miml_official convention).
+      skipped_authentic += 1
       continue
     threshold = threshold_for(eval_cfg, image_prob)
     row = scores.add(prob, gt, threshold=threshold, name=sample["id"])
     all_zero.add(np.zeros_like(prob), gt, threshold=0.5)
     all_one.add(np.ones_like(prob), gt, threshold=0.5)
-    row.update(threshold=threshold, **others.add(prob, gt, sample["id"]))
+    row.update(threshold=threshold, **convention_row)
     per_image.append(row)
 
     def make_row(sample=sample, gt=gt, prob=prob, threshold=threshold, row=row):
@@ -318,7 +406,7 @@ def robustness(
     result = evaluate(
       predictor,
       config,
-      perturb.Perturbed(source, kind, value),
+      perturb.Perturbed(source, kind, value, field=image_field),
       limit=limit,
       conventions=(),
       image_field=image_field,

@@ -399,3 +399,157 @@ def detection_scores(scores, labels, threshold: float = 0.5) -> dict:
     "num_authentic": int((~labels).sum()),
     "threshold": float(threshold),
   }
+
+
+# ---- Reference scripts, restated (docs/evaluation.md#other-conventions) -----------------------
+# Each function below computes what one public evaluation script computes on one image, with that
+# script's own edge cases, so that its named convention equals the script on the same maps.
+
+TRUFOR_NO_DIVISION = 1e-32  # TruFor's computeF1: 2TP / max(2TP + FN + FP, 1e-32)
+
+
+def trufor_scores(prob, gt, erode: int = 15, dilate: int = 11, band=None) -> dict:
+  """TruFor's `computeLocalizationMetrics` (grip-unina/TruFor, test_docker/metrics.py) on one
+  image: its best-threshold and fixed-0.5 F1, each the better of the map and its complement.
+
+  Both are scored on TruFor's band (`border_band`): positives = gt eroded by erode x erode,
+  negatives = outside gt dilated by dilate x dilate. F1 = 2TP / max(2TP + FN + FP, 1e-32) and the
+  complement's 2FN / max(2FN + TP + TN, 1e-32).
+  - best: the sorted float32 values of the scored pixels; for every distinct value v, pred =
+    value > v (v = the maximum predicts nothing; "everything" is only reached by the complement
+    of that cut); F1 in float32, as the script's cumulative sums are. NaN when no pixel is scored
+    (the script's sweep fails on an empty array and records NaN).
+  - fixed: pred = prob > 0.5 on the scored pixels, counts from sklearn's confusion_matrix, which
+    is 1 x 1 (an IndexError, recorded as NaN) when ground truth and prediction hold one and the
+    same single value there, e.g. no counted positive and nothing predicted, or only counted
+    positives all predicted; NaN too when no pixel is scored.
+
+  band: (valid, positives) from border_band, if already computed.
+  Returns {'f1_best', 'f1_fixed', 'inverted_best', 'inverted_fixed'}: Python numbers; inverted_*
+  says the complement's F1 was the larger (False where NaN).
+  """
+  gt = np.asarray(gt) > 0
+  valid, positives = border_band(gt, erode, dilate) if band is None else band
+  result = {"f1_best": math.nan, "f1_fixed": math.nan, "inverted_best": False}
+  result["inverted_fixed"] = False
+  values = np.asarray(prob, np.float32)[valid]
+  positive = positives[valid]
+  if values.size == 0:
+    return result
+  # Best threshold: threshold_sweep's cuts without its last ("everything"), i.e. value > v for
+  # each distinct v, in float32 as TruFor's float32 cumulative sums.
+  tp, fp, _ = threshold_sweep(values, positive)
+  tp, fp = tp[:-1].astype(np.float32), fp[:-1].astype(np.float32)
+  fn = np.float32(positive.sum()) - tp
+  tn = np.float32((~positive).sum()) - fp
+  tiny, two = np.float32(TRUFOR_NO_DIVISION), np.float32(2)
+  f1 = two * tp / np.maximum(two * tp + fn + fp, tiny)
+  f1_inverse = two * fn / np.maximum(two * fn + tp + tn, tiny)
+  result["f1_best"] = float(max(f1.max(), f1_inverse.max()))
+  result["inverted_best"] = bool(f1_inverse.max() > f1.max())
+  # Fixed threshold 0.5, counts as sklearn's confusion_matrix (float64 arithmetic).
+  pred = np.asarray(prob)[valid] > 0.5
+  if len(np.union1d(np.unique(positive), np.unique(pred))) < 2:
+    return result
+  tp, fp, fn, tn = (float(c) for c in _confusion(pred, positive))
+  f1 = 2 * tp / max(2 * tp + fn + fp, TRUFOR_NO_DIVISION)
+  f1_inverse = 2 * fn / max(2 * fn + tp + tn, TRUFOR_NO_DIVISION)
+  result["f1_fixed"] = max(f1, f1_inverse)
+  result["inverted_fixed"] = f1_inverse > f1
+  return result
+
+
+def miml_official_threshold(path: str, image_prob: float) -> float:
+  """The official APSC-Net inference's threshold (qcf-568/MIML, models for IML/mmseg/models/
+  segmentors/viz_encoder_decoder.py, `inference`): clamp(1 - p_image, 0.3, 0.7) in float32 when
+  the model has an image head (p_image not NaN) and the image's path, lowercased, does not contain
+  '/imd'; 0.5 otherwise (IMD2020 is always scored at 0.5)."""
+  if math.isnan(image_prob) or "/imd" in str(path).lower():
+    return 0.5
+  return float(np.clip(np.float32(1) - np.float32(image_prob), np.float32(0.3), np.float32(0.7)))
+
+
+def miml_official_scores(prob, gt, threshold: float) -> dict:
+  """One image as the official MIML inference scripts score it (casia1_infer.py, imd_infer.py):
+  pred = prob > threshold (compared in float32, as the script's tensors), ground truth gt > 0,
+  the protocol's formulas in float64. An image without a tampered pixel scores 0 everywhere."""
+  pred = np.asarray(prob, np.float32) > np.float32(threshold)
+  tp, fp, fn, _ = (float(c) for c in _confusion(pred, gt))
+  return {key: float(value) for key, value in scores_from_counts(tp, fp, fn).items()}
+
+
+BENCO_EPS = np.float32(1e-8)  # IMDLBenCo's PixelF1 and PixelIOU epsilons (float32 tensors)
+
+
+def ranked_auc(scores, positive) -> float:
+  """ROC AUC without grouping tied scores, as IMDLBenCo's PixelAUC.Cal_AUC: the pixels sorted by
+  decreasing score, one ROC point per pixel, trapezoids between them. Ties are not averaged:
+  a positive ranked before a negative of the same score counts as above it. The reference leaves
+  the order of equal scores to torch.argsort (unspecified; CPU and GPU differ); here they keep
+  raster order (a stable sort), so without ties the result is exact and with ties it is one of
+  the reference's possible results. Computed exactly (the reference accumulates in float32).
+
+  Returns 0.0 when there is no positive (the reference's rule) and NaN when there is no negative
+  (its FPR divides 0 by 0).
+  """
+  scores = np.asarray(scores, np.float32).ravel()
+  positive = np.asarray(positive, bool).ravel()
+  num_pos = int(positive.sum())
+  num_neg = positive.size - num_pos
+  if num_pos == 0:
+    return 0.0
+  if num_neg == 0:
+    return math.nan
+  ranked = positive[np.argsort(-scores, kind="stable")]
+  # Each step to a negative adds (positives ranked so far) / (P N); a step to a positive adds 0.
+  positives_before = np.cumsum(ranked, dtype=np.int64)[~ranked]
+  return float(positives_before.sum(dtype=np.float64) / (float(num_pos) * float(num_neg)))
+
+
+def _benco_f1(tp, fp, fn):
+  precision = tp / (tp + fp + BENCO_EPS)
+  recall = tp / (tp + fn + BENCO_EPS)
+  return np.float32(2) * precision * recall / (precision + recall + BENCO_EPS)
+
+
+def _benco_iou(pred, gt):
+  intersection = np.float32(np.count_nonzero(pred & gt))
+  union = np.float32(np.count_nonzero(pred)) + np.float32(np.count_nonzero(gt)) - intersection
+  return intersection / (union + BENCO_EPS)
+
+
+def imdlbenco_scores(prob, gt) -> dict:
+  """One image as IMDLBenCo's pixel evaluators score it (scu-zjz/IMDLBenCo, IMDLBenCo/evaluation/
+  F1.py, IOU.py, AUC.py), in float32 as its tensors, with gt the binary ground truth:
+
+  - f1 (PixelF1, mode 'origin'): pred = prob > 0.5; P = TP / (TP + FP + 1e-8), R = TP / (TP + FN
+    + 1e-8), F1 = 2PR / (P + R + 1e-8). An image without a tampered pixel scores 0.
+  - f1_double (mode 'double'): the larger of that and the same F1 of the complement of the
+    binarised map (its confusion matrix with TP <-> FN, FP <-> TN): pixels exactly at 0.5 are
+    positive in the complement.
+  - iou (PixelIOU, 'origin'): I / (U + 1e-8) of prob > 0.5.
+  - iou_double ('double'): the larger of that and the IoU of (1 - prob) > 0.5, i.e. of the map
+    inverted BEFORE thresholding: pixels exactly at 0.5 are negative both ways, so the two double
+    modes disagree at exactly 0.5.
+  - auc (PixelAUC, 'origin'): ranked_auc(prob, gt), 0 without a tampered pixel.
+  - auc_double ('double'): the larger of that and ranked_auc(1 - prob, gt).
+  Returns Python floats.
+  """
+  prob = np.asarray(prob, np.float32)
+  gt = np.asarray(gt, bool)
+  pred = prob > np.float32(0.5)
+  tp, fp, fn, tn = (np.float32(c) for c in _confusion(pred, gt))
+  f1 = _benco_f1(tp, fp, fn)
+  iou = _benco_iou(pred, gt)
+  complement = np.float32(1) - prob
+  auc = ranked_auc(prob, gt)
+  auc_inverse = ranked_auc(complement, gt)
+  return {
+    "f1": float(f1),
+    "f1_double": float(max(f1, _benco_f1(fn, tn, tp))),
+    "iou": float(iou),
+    "iou_double": float(max(iou, _benco_iou(complement > np.float32(0.5), gt))),
+    "auc": auc,
+    # max() of a NaN and a number depends on the order in Python; NaN either way here.
+    "auc_double": math.nan if math.isnan(auc) else max(auc, auc_inverse),
+  }

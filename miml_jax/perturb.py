@@ -82,10 +82,12 @@ def apply(image: np.ndarray, mask: np.ndarray, kind: str, value, seed: int):
 
 
 class Perturbed:
-  """A source view whose examples are degraded by one (kind, value)."""
+  """A source view whose examples are degraded by one (kind, value): the image `field` (the
+  one the model's map belongs to, e.g. a pair's forged image) and its mask."""
 
-  def __init__(self, source, kind: str, value, seed: int = 0):
+  def __init__(self, source, kind: str, value, seed: int = 0, field: str = "image"):
     self.source, self.kind, self.value, self.seed = source, kind, value, seed
+    self.field = field
 
   @property
   def skipped(self) -> list[str]:
@@ -99,10 +101,10 @@ class Perturbed:
     if sample is None:  # Left out by data.on_error='skip'.
       return None
     image, mask = apply(
-      sample["image"],
+      sample[self.field],
       sample["mask"],
       self.kind,
       self.value,
       seed=self.seed * 1_000_003 + int(index),
     )
-    return dict(sample, image=image, mask=mask)
+    return dict(sample, **{self.field: image, "mask": mask})

@@ -11,6 +11,7 @@ over a ('data', 'fsdp') mesh, large parameters and their optimiser state are sha
 
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -33,8 +34,26 @@ def log(message: str):
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_workdir(workdir: str, config) -> int | None:
-  """Returns the step to resume from, or None; refuses a workdir that holds another model."""
+def check_output_dir(path: str, flag: str):
+  """A one-line UserInputError, before anything is created, unless `path` is a directory this
+  process can write into or one it can create: not a file, not under a file, not read-only."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserInputError(f"{flag} {path}: is a file, not a directory")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UserInputError(f"{flag} {path}: {existing} is a file, not a directory")
+  # os.access, not the mode bits: root may write into a 0o500 directory, and then so may we.
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserInputError(f"{flag} {path}: {existing} is not writable")
+
+
+def _check_workdir(workdir: str, config) -> list[int] | None:
+  """Returns the steps to resume from (newest last), or None; refuses a workdir that holds
+  another model, and one that is a file or cannot be written."""
+  check_output_dir(workdir, "--workdir")
   config_path = os.path.join(workdir, "config.json")
   ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
   has_ckpt = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
@@ -44,8 +63,14 @@ def _check_workdir(workdir: str, config) -> int | None:
     raise UserInputError(
       f"{workdir}: holds checkpoints but no config.json; refusing to write into it"
     )
-  with open(config_path) as f:
-    previous = ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(config_path) as f:
+      previous = ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise UserInputError(
+      f"{config_path}: unreadable ({ckpt_lib.short_reason(e)}); it says which model the "
+      f"checkpoints beside it hold: restore it, or use a new --workdir"
+    ) from e
   if ckpt_lib.describe_model(previous) != ckpt_lib.describe_model(config):
     old, new = previous.model.to_dict(), config.model.to_dict()
     diff = sorted(_diff_keys(old, new))
@@ -53,8 +78,7 @@ def _check_workdir(workdir: str, config) -> int | None:
       f"{workdir}: holds a checkpoint of another model ({previous.model.name}; differs in "
       f"model.{', model.'.join(diff[:5])}); use a new --workdir or delete that one"
     )
-  _, step = ckpt_lib.find_checkpoint(workdir)
-  return step
+  return ckpt_lib._steps(ckpt_dir)
 
 
 def _diff_keys(a, b, prefix=""):
@@ -80,6 +104,10 @@ def init_state(model, optimizer, config, rng):
   return model_vars, train_vars
 
 
+# ||params|| below this counts as this, so the update ratio of all-zero weights stays finite.
+_NORM_EPS = 1e-6
+
+
 def make_train_step(model, optimizer, config, mesh, state_shardings=None):
   """The compiled training step: (model_vars, train_vars, batch) -> (model_vars, train_vars, m).
 
@@ -89,6 +117,12 @@ def make_train_step(model, optimizer, config, mesh, state_shardings=None):
   state, so its input and output shardings are the same.
   """
   task = tasks.build(config)
+  # The update-ratio check guards nan_policy='skip', where absurd but finite updates would
+  # otherwise be applied and checkpointed; under 'stop' a diverging run ends at its first
+  # non-finite step. It is left out of the step when off: reading every weight once more changes
+  # how XLA fuses the update, and so its rounding (the quickstart would no longer reproduce bit
+  # for bit).
+  check_ratio = config.train.nan_policy == "skip" and math.isfinite(config.train.max_update_ratio)
 
   def loss_fn(params, batch_stats, batch, rng):
     outputs, new_state = model.apply(
@@ -110,10 +144,23 @@ def make_train_step(model, optimizer, config, mesh, state_shardings=None):
     updates, opt_state = optimizer.update(grads, train_vars["opt_state"], model_vars["params"])
     params = task.project(optax.apply_updates(model_vars["params"], updates))
     grad_norm = optax.tree.norm(grads)
+    update_norm = optax.tree.norm(updates)
+    if check_ratio:
+      # The update's size against the weights': a healthy step moves them by a small fraction
+      # (train.max_update_ratio's comment in config.py gives measured values); a diverging
+      # learning rate moves them many times their own size while everything is still finite.
+      update_ratio = update_norm / jnp.maximum(optax.tree.norm(model_vars["params"]), _NORM_EPS)
+    else:
+      update_ratio = jnp.zeros([], jnp.float32)
     # A step is applied only if loss, gradients and the update itself are finite (an update can
-    # overflow with finite gradients, e.g. a diverging learning rate). Otherwise the state stays
-    # as it was and the step is counted.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+    # overflow with finite gradients) and the update is not absurd relative to the weights
+    # (NaN compares False). Otherwise the state stays as it was and the step is counted.
+    finite = (
+      jnp.isfinite(loss)
+      & jnp.isfinite(grad_norm)
+      & jnp.isfinite(update_norm)
+      & (update_ratio <= config.train.max_update_ratio)
+    )
     # Under 'stop' the host sees the count rise and stops; under 'skip' training goes on.
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_model = keep({"params": params, "batch_stats": batch_stats}, model_vars)
@@ -125,6 +172,8 @@ def make_train_step(model, optimizer, config, mesh, state_shardings=None):
     }
     lr = optim.learning_rate(train_vars["step"], 1.0, config.optim)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, **terms}
+    if check_ratio:  # Only where it is computed: a column of zeros would read as a measurement.
+      metrics["update_ratio"] = update_ratio
     return new_model, new_train, metrics
 
   replicated = sharding.replicated(mesh)
@@ -144,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = tasks.validate_config(config)
   task = tasks.build(config)
   workdir = os.path.abspath(workdir)
-  resume_step = _check_workdir(workdir, config)
+  resume_steps = _check_workdir(workdir, config)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -213,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if best_metric
     else None
   )
-  if resume_step is None:
+  if resume_steps is None:
     model_vars, train_vars = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
     if config.model_init:
       # Converted official weights (miml-jax convert); tensors the file lacks keep their init.
@@ -229,7 +278,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       abstract_state,
       state_shardings,
     )
-    model_vars, train_vars = checkpointer.restore_training(resume_step, *abstract)
+    # The newest checkpoint that reads back: a broken newer one (truncated file, zeroed
+    # metadata) is named, set aside, and its steps trained again.
+    resume_step, (model_vars, train_vars), broken = ckpt_lib.restore_newest_intact(
+      checkpointer.directory,
+      resume_steps,
+      lambda step: checkpointer.restore_training(step, *abstract),
+    )
+    if broken:
+      checkpointer.close()
+      if jax.process_index() == 0:
+        moved = ckpt_lib.set_aside(checkpointer.directory, broken)
+        log(f"moved the unreadable checkpoint(s) to {', '.join(moved)}")
+      _sync("miml_jax_set_aside")
+      checkpointer = ckpt_lib.Checkpointer(
+        ckpt_lib.checkpoint_dir(workdir), max_to_keep=config.train.keep_checkpoints
+      )
     log(f"resumed from {checkpointer.directory}/{resume_step}")
   start = int(train_vars["step"])
   # The pipeline is a pure function of the global batch index, so resuming is starting at it.
@@ -282,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   nan_skips = int(train_vars["nan_skips"])
   window_start, window_step = time.time(), start
-  step = start
+  step = logged_step = start
   for step in range(start + 1, total + 1):
     batch = batch if step == start + 1 else next_batch()
     model_vars, train_vars, metrics = step_fn(model_vars, train_vars, batch)
@@ -290,9 +354,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       skips = int(train_vars["nan_skips"])
       if skips > nan_skips:
+        if "update_ratio" in metrics:  # nan_policy='skip' checks the update's size too.
+          why = (
+            f"non-finite loss, gradients or update, or an update over "
+            f"train.max_update_ratio={config.train.max_update_ratio:g} times the weights "
+            f"(this step's: {metrics['update_ratio']:.3g})"
+          )
+        else:
+          why = "non-finite loss, gradients or update"
         message = (
-          f"step {step}: {skips - nan_skips} step(s) with non-finite loss or gradients "
-          f"since step {step - config.train.log_every} (not applied; {skips} in total)"
+          f"step {step}: {skips - nan_skips} step(s) with {why}, since step {logged_step} "
+          f"(not applied; {skips} in total)"
         )
         if config.train.nan_policy == "stop":
           last = checkpointer.latest_step()
@@ -305,6 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           raise FloatingPointError(message + f"; stopping (train.nan_policy='stop'); {where}")
         log("warning: " + message + "; skipped (train.nan_policy='skip')")
         nan_skips = skips
+      logged_step = step
       # Rates over the last window, so compilation and evaluation pauses age out.
       now = time.time()
       rate = (step - window_step) / max(now - window_start, 1e-9)
@@ -332,37 +405,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step % config.train.checkpoint_every == 0 or step == total:
       checkpointer.save(step, model_vars, config, train_vars=train_vars)
     if config.train.eval_every and step % config.train.eval_every == 0 and step != total:
-      _evaluate(
-        task,
-        predictor,
-        model_vars,
-        config,
-        val_source,
-        workdir,
-        step,
-        writer,
-        best_checkpointer,
-        write_pictures=False,
-      )
+      try:
+        _evaluate(
+          task,
+          predictor,
+          model_vars,
+          config,
+          val_source,
+          workdir,
+          step,
+          writer,
+          best_checkpointer,
+          write_pictures=False,
+        )
+      except NonFiniteOutputs as e:
+        if config.train.nan_policy == "stop":
+          checkpointer.close()
+          raise NonFiniteOutputs(f"{e}; stopping (train.nan_policy='stop')") from None
+        log(f"warning: {e}; validation skipped (train.nan_policy='skip')")
       window_start = time.time()
   checkpointer.close()
 
   # ---- Final evaluation and pictures -----------------------------------------------------
-  result = _evaluate(
-    task,
-    predictor,
-    model_vars,
-    config,
-    val_source,
-    workdir,
-    step,
-    writer,
-    best_checkpointer,
-    write_pictures=True,
-  )
-  if best_checkpointer is not None:
-    best_checkpointer.close()
-  writer.close()
+  try:
+    result = _evaluate(
+      task,
+      predictor,
+      model_vars,
+      config,
+      val_source,
+      workdir,
+      step,
+      writer,
+      best_checkpointer,
+      write_pictures=True,
+    )
+  finally:
+    if best_checkpointer is not None:
+      best_checkpointer.close()
+    writer.close()
   if jax.process_index() == 0:
     visualize.plot_history(writer.jsonl_path, os.path.join(workdir, "curves.png"), task.plot_scores)
   return result
@@ -384,9 +465,14 @@ def _evaluate(
   t = time.time()
   pictures = write_pictures and jax.process_index() == 0
   predictor.set_variables(model_vars)
-  # The headline only: the other conventions belong to `miml-jax eval`, not every validation.
-  result = task.evaluate(predictor, source, out_dir=workdir if pictures else None, conventions=())
-  predictor.set_variables(None)
+  # A NaN / inf map is the weights' fault, said so here rather than by the metrics (which
+  # would blame the data's value range).
+  checked = FiniteOutputs(predictor, f"validation @ step {step}")
+  try:
+    # The headline only: the other conventions belong to `miml-jax eval`, not every validation.
+    result = task.evaluate(checked, source, out_dir=workdir if pictures else None, conventions=())
+  finally:
+    predictor.set_variables(None)
   summary = result["summary"]
   log(f"validation @ step {step}: {task.summary_line(summary)}, {time.time() - t:.1f}s)")
   writer.write(step, {f"val_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -397,6 +483,50 @@ def _evaluate(
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump({"step": step, **result}, f, indent=2, default=float)
   return result
+
+
+class NonFiniteOutputs(FloatingPointError):
+  """The model's outputs are NaN or inf: its weights have diverged (exit code EXIT_NON_FINITE)."""
+
+
+class FiniteOutputs:
+  """A Predictor (delegated to) whose every prediction must be finite, else NonFiniteOutputs
+  naming `where` (the step or checkpoint) and the example.
+
+  A NaN 'image_score' is a model without an image head (tasks/base.py), unless an earlier
+  prediction had a finite one.
+  """
+
+  def __init__(self, predictor, where: str):
+    self._predictor, self.where = predictor, where
+    self._image_head = None
+
+  def __getattr__(self, name):
+    return getattr(self._predictor, name)
+
+  def predict(self, source, limit: int | None = None):
+    for sample, prediction in self._predictor.predict(source, limit=limit):
+      bad = []
+      for key, value in prediction.items():
+        array = np.asarray(value)
+        if array.dtype.kind != "f":
+          continue
+        if key == "image_score":
+          no_score = bool(np.isnan(array).all())
+          if self._image_head is None:
+            self._image_head = not no_score
+          if no_score and not self._image_head:
+            continue
+        finite = np.isfinite(array)
+        if not finite.all():
+          bad.append(f"{key}: {array.size - int(finite.sum())} of {array.size} values NaN or inf")
+      if bad:
+        raise NonFiniteOutputs(
+          f"{self.where}: the model's outputs are not finite ({'; '.join(bad)}, on "
+          f"{sample.get('id', 'an example')}); its weights have diverged (a learning rate too "
+          f"high?): this is the model's fault, not the data's"
+        )
+      yield sample, prediction
 
 
 class SkipReport:
@@ -425,6 +555,14 @@ class SkipReport:
     from jax.experimental import multihost_utils
 
     return int(np.sum(multihost_utils.process_allgather(np.int64(self.count))))
+
+
+def _sync(name: str):
+  """All processes wait here (a no-op for one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def _format_seconds(seconds: float) -> str:

@@ -33,6 +33,10 @@ def test_inverted_map_only_counts_under_the_inverse_conventions():
   assert summary["best_per_image_inverse"]["inverted_fraction"] == 1.0
   assert summary["trufor_fixed_0.5"]["f1"] == pytest.approx(1.0, abs=1e-6)
   assert summary["trufor_best"]["f1"] == pytest.approx(1.0, abs=1e-6)
+  assert summary["trufor_band_fixed_0.5"]["f1"] == pytest.approx(1.0, abs=1e-6)
+  assert summary["trufor_band_best"]["inverted_fraction"] == 1.0
+  assert summary["imdlbenco"]["f1"] == 0.0 and summary["imdlbenco_double"]["f1"] == pytest.approx(1)
+  assert summary["miml_official"]["f1"] == 0.0
   # Without the inverse the best the oracle can do is predict everything.
   everything = 2 * gt.mean() / (1 + gt.mean())
   assert summary["best_per_image"]["f1"] == pytest.approx(everything, abs=1e-6)

@@ -250,6 +250,25 @@ def test_pair_segmentation_eval_and_predict(pair_seg_run, tmp_path, capsys):
   assert result["summary"]["num_images"] == 2  # The pair without a mask counts as authentic.
   assert 0.0 <= result["summary"]["iou"] <= 1.0 and "fixed_0.5" in result["conventions"]
   assert os.path.isfile(tmp_path / "e" / "report.md")
+  # Robustness sweeps degrade the forged image, the one the map belongs to.
+  code, out, _ = run(
+    capsys,
+    "eval",
+    "--checkpoint",
+    pair_seg_run,
+    "--json",
+    "--data",
+    f"pairs:{pairs_root}",
+    "--perturb",
+    "jpeg:70",
+    "--conventions",
+    "none",
+  )
+  assert code == 0
+  assert [(r["kind"], r["value"]) for r in json.loads(out)["robustness"]] == [
+    ("jpeg", None),
+    ("jpeg", 70),
+  ]
   # predict: a folder of pair folders, and one pair folder itself.
   code, out, _ = run(
     capsys, "predict", pairs_root, "--checkpoint", pair_seg_run, "--out", tmp_path / "p", "--json"

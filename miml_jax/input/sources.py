@@ -1,7 +1,8 @@
 """Random-access data sources: what a config's `data.train` / `data.validation` strings name.
 
 A source has `__len__` and `__getitem__(i) -> {'image': uint8 (H, W, 3) RGB, 'mask': uint8 (H, W)
-grey 0..255, 'id': str, 'is_jpeg': bool}`, which is what grain's `MapDataset.source` needs.
+grey 0..255, 'id': str, 'is_jpeg': bool}`, which is what grain's `MapDataset.source` needs
+(folder:, benco: and tfds: samples also hold 'path', the image file's path or tfds:NAME/<id>).
 
 Source strings:
   synthetic                 the embedded procedural forgery set (no download), any split
@@ -128,6 +129,7 @@ class FolderSource:
       "image": image,
       "mask": mask,
       "id": os.path.relpath(image_path, self.root),
+      "path": image_path,  # What the official threshold rule tests for '/imd' (evaluate.py).
       "is_jpeg": image_path.lower().endswith((".jpg", ".jpeg")),
     }
 
@@ -209,6 +211,7 @@ class BencoSource:
       "image": image,
       "mask": mask,
       "id": os.path.basename(image_path),
+      "path": image_path,
       "is_jpeg": image_path.lower().endswith((".jpg", ".jpeg")),
       "is_authentic": mask_path is None,
     }
@@ -262,6 +265,7 @@ class TfdsSource:
     mask = io.decode_mask(record["mask"], where + " mask")
     io.check_same_size(image, mask, where + " image", where + " mask")
     sample = {"image": image, "mask": mask, "id": sample_id, "is_jpeg": bool(record["is_jpeg"])}
+    sample["path"] = f"{self.name}/{sample_id}"  # e.g. tfds:iml_benchmarks/imd2020/<id>
     for key, value in record.items():  # Extra fields (qes, source, is_authentic, ...).
       if key not in sample and key not in ("image", "mask"):
         sample[key] = _text(value) if isinstance(value, (bytes, str)) else np.asarray(value).item()

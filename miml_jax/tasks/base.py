@@ -26,6 +26,7 @@ registers the task it is built for (models.MODELS) as the default. docs/architec
 through adding one.
 """
 
+import dataclasses
 from typing import Any, ClassVar
 
 import jax
@@ -54,6 +55,9 @@ class Task:
   loss_schema: ClassVar[type]
   # Whether `miml-jax predict` / the demo take single images (else pairs).
   single_image: ClassVar[bool] = True
+  # Whether an input too large for one batch can be cut into tiles (`tile_rows`,
+  # `tiled_prediction`) or downscaled (`eval_inputs(..., max_pixels)`): the dense tasks.
+  can_tile: ClassVar[bool] = False
 
   def __init__(self, config):
     self.config = config
@@ -160,12 +164,20 @@ class DenseTask(Task):
   target_field: ClassVar[str]
   summary_scores = metrics_lib.SUMMARY_SCORES
   plot_scores = ("iou", "f1", "pixel_auc")
+  can_tile = True
 
   def eval_inputs(self, sample, resize, pad_multiple):
     """Every image field resized by the test-time rule (predict.test_size), then padded to
-    a multiple of `pad_multiple` (never cropped); meta = (resized, original) sizes."""
+    a multiple of `pad_multiple` (never cropped); meta = (resized, original) sizes.
+
+    With eval.large_image='downscale', an image whose padded size would be over
+    eval.max_batch_pixels is resized further, keeping its aspect ratio, to the largest size
+    whose padding fits (with 'tile' the Predictor cuts it into tiles instead)."""
     height, width = sample[self.target_field].shape[:2]
     target = transforms.test_size(height, width, sample.get("is_jpeg", False), resize)
+    if config_setting(self.config, "eval", "large_image") == "downscale":
+      budget = int(config_setting(self.config, "eval", "max_batch_pixels"))
+      target = fit_pixels(target, pad_multiple, budget)
     arrays = {}
     for key, kind in self.fields.items():
       if kind != IMAGE:
@@ -196,6 +208,18 @@ class DenseTask(Task):
     )
     return result
 
+  def tile_rows(self, arrays: dict, grid) -> list[dict]:
+    """The rows of an input too large for one batch: each tile of `grid` (predict.tile_grid)
+    of every field, as views (no copy)."""
+    return [
+      {key: value[y : y + grid.tile_h, x : x + grid.tile_w] for key, value in arrays.items()}
+      for y, x in grid.windows()
+    ]
+
+  def tiled_prediction(self, grid) -> "TiledPrediction":
+    """Collects the tiles' predict_outputs into one row for `finish`."""
+    return TiledPrediction(grid)
+
   def finish(self, row, meta):
     """The map cropped to the resized image, resized back to the original size, then made a
     probability (logits are resized, never probabilities, as the official scripts do)."""
@@ -203,7 +227,15 @@ class DenseTask(Task):
     logit = row["logit"][:height, :width]
     if (height, width) != tuple(meta["original_hw"]):
       logit = transforms.resize_image(logit, meta["original_hw"])
-    prob = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    else:
+      logit = np.array(logit, np.float32)  # A copy: the row may be a batch's, or read-only.
+    # sigmoid in place (one map at the image's size, not four temporaries): the same float32
+    # operations, so the same bits, as 1 / (1 + exp(-logit)).
+    prob = logit.astype(np.float32, copy=False)
+    np.negative(prob, out=prob)
+    np.exp(prob, out=prob)
+    prob += np.float32(1.0)
+    np.divide(np.float32(1.0), prob, out=prob)
     return {"prob": prob, "image_score": float(row["image_score"])}
 
   def write_prediction(self, out_dir, sample, prediction, threshold):
@@ -239,3 +271,58 @@ class DenseTask(Task):
       f"  F1 {summary['f1']:.4f}  pixel AUC {summary['pixel_auc']:.4f}"
       f"  ({summary['num_images']} images"
     )
+
+
+class TiledPrediction:
+  """A dense prediction put together from its tiles (DenseTask.tiled_prediction): the logits
+  blended with the grid's weights, which sum to 1 at every pixel (predict.tile_grid: an inner
+  tile edge's outer quarter of the overlap is never used, its middle half is a linear ramp),
+  into one float32 map at the padded size; the image score is the highest tile's (an image is
+  tampered if any part of it is), nan without an image head."""
+
+  def __init__(self, grid):
+    self.grid = grid
+    self.logit = np.zeros((grid.height, grid.width), np.float32)
+    self.scores = []
+    self._windows = grid.windows()
+
+  def add(self, index: int, row: dict):
+    y, x = self._windows[index]
+    wy, wx = self.grid.weights(index)
+    tile = np.asarray(row["logit"], np.float32)
+    self.logit[y : y + tile.shape[0], x : x + tile.shape[1]] += tile * wy[:, None] * wx[None, :]
+    self.scores.append(float(row["image_score"]))
+
+  def result(self) -> dict:
+    scores = [s for s in self.scores if not np.isnan(s)]
+    return {"logit": self.logit, "image_score": max(scores) if scores else float("nan")}
+
+
+def config_setting(config, section: str, name: str):
+  """config.<section>.<name>, or the default of config.py's section dataclass when the config
+  has no such key (configs that were never validated, e.g. built in a test)."""
+  from miml_jax import config as config_lib
+
+  values = config.get(section) or {}
+  if name in values:
+    return values[name]
+  schema = config_lib.ExperimentConfig.SECTIONS[section].resolve()
+  return {f.name: f.default for f in dataclasses.fields(schema)}[name]
+
+
+def fit_pixels(size: tuple[int, int], multiple: int, max_pixels: int) -> tuple[int, int]:
+  """`size` (height, width), or the largest size of its aspect ratio whose padding to a
+  multiple of `multiple` has at most `max_pixels` pixels."""
+
+  def padded(h, w):
+    return -(-h // multiple) * multiple * (-(-w // multiple) * multiple)
+
+  height, width = int(size[0]), int(size[1])
+  if padded(height, width) <= max_pixels:
+    return height, width
+  scale = (max_pixels / (height * width)) ** 0.5
+  while True:
+    h, w = max(1, int(height * scale)), max(1, int(width * scale))
+    if padded(h, w) <= max_pixels or (h, w) == (1, 1):
+      return h, w
+    scale *= 0.99
