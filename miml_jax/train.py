@@ -347,6 +347,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   nan_skips = int(train_vars["nan_skips"])
   window_start, window_step = time.time(), start
   step = logged_step = start
+
+  def validate(step, write_pictures):  # The weights of this moment (model_vars as it is now).
+    return _evaluate(
+      task,
+      predictor,
+      model_vars,
+      config,
+      val_source,
+      workdir,
+      step,
+      writer,
+      best_checkpointer,
+      write_pictures,
+    )
+
   for step in range(start + 1, total + 1):
     batch = batch if step == start + 1 else next_batch()
     model_vars, train_vars, metrics = step_fn(model_vars, train_vars, batch)
@@ -406,18 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpointer.save(step, model_vars, config, train_vars=train_vars)
     if config.train.eval_every and step % config.train.eval_every == 0 and step != total:
       try:
-        _evaluate(
-          task,
-          predictor,
-          model_vars,
-          config,
-          val_source,
-          workdir,
-          step,
-          writer,
-          best_checkpointer,
-          write_pictures=False,
-        )
+        validate(step, write_pictures=False)
       except NonFiniteOutputs as e:
         if config.train.nan_policy == "stop":
           checkpointer.close()
@@ -428,18 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ---- Final evaluation and pictures -----------------------------------------------------
   try:
-    result = _evaluate(
-      task,
-      predictor,
-      model_vars,
-      config,
-      val_source,
-      workdir,
-      step,
-      writer,
-      best_checkpointer,
-      write_pictures=True,
-    )
+    result = validate(step, write_pictures=True)
   finally:
     if best_checkpointer is not None:
       best_checkpointer.close()

@@ -34,12 +34,6 @@ class SegmentationTask(base.DenseTask):
       "label": jax.ShapeDtypeStruct((batch_size, size, size), jnp.uint8),
     }
 
-  def random_batch(self, rng, batch_size, size):
-    return {
-      "image": rng.integers(0, 256, (batch_size, size, size, 3)).astype("uint8"),
-      "label": rng.integers(0, 2, (batch_size, size, size)).astype("uint8"),
-    }
-
   def model_inputs(self, batch):
     return {"x": transforms.normalize(batch["image"], self.dtype)}
 
