@@ -116,7 +116,8 @@ def loss(**overrides) -> dict:
 def optim(steps, **overrides) -> dict:
   """`optim` (optim.py): AdamW 1e-4, stage-wise LR decay 0.9, linear warm-up 1500 steps (ratio
   1e-6) onto poly(1) down to 1e-6 at `steps` (pass the FieldReference of `train.steps`, so an
-  override of one moves both), no clipping."""
+  override of one moves both), no clipping, nothing frozen (`frozen`: glob patterns over
+  parameter paths the optimiser leaves unchanged, e.g. ('backbone/*',))."""
   return _override(
     "optim",
     dict(
@@ -136,6 +137,7 @@ def optim(steps, **overrides) -> dict:
       total_steps=steps,
       grad_clip_norm=0.0,
       accumulate_steps=1,
+      frozen=(),
     ),
     overrides,
   )

@@ -239,6 +239,11 @@ class InputConfig:
   prefetch_batches: int = setting(16, ge=1)
 
 
+def _frozen_patterns(patterns) -> str | None:
+  bad = [p for p in patterns if not isinstance(p, str) or not p or p.startswith("/")]
+  return f"expected parameter path patterns like 'backbone/*', got {bad!r}" if bad else None
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
   """`optim`: the optimiser and its learning-rate rule (optim.py)."""
@@ -261,6 +266,9 @@ class OptimConfig:
   # 0: no clipping.
   grad_clip_norm: float = setting(ge=0)
   accumulate_steps: int = setting(ge=1)
+  # Glob patterns over '/'-joined parameter paths (e.g. 'backbone/*') whose parameters the
+  # optimiser leaves unchanged: a frozen pretrained trunk, or one stage of a staged recipe.
+  frozen: tuple[str, ...] = setting((), check=_frozen_patterns)
 
 
 def _mesh_axis(value: int) -> str | None:

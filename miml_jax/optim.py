@@ -12,6 +12,7 @@ mmcv multiplies the warm-up factor onto the curve (it is not a join of two sched
 min_lr is absolute, not scaled with the group.
 """
 
+import fnmatch
 from typing import NamedTuple
 
 from flax import traverse_util
@@ -129,8 +130,41 @@ def _adamw(config) -> list[optax.GradientTransformation]:
 OPTIMIZERS = {"adamw": _adamw}
 
 
+def frozen_mask(params, patterns) -> dict:
+  """True for the parameters whose '/'-joined path matches one of the glob patterns.
+
+  A pattern that matches nothing is an error: a typo would otherwise silently train what the
+  user meant to freeze."""
+  flat = traverse_util.flatten_dict(params)
+  paths = {key: "/".join(key) for key in flat}
+  for pattern in patterns:
+    if not any(fnmatch.fnmatchcase(path, pattern) for path in paths.values()):
+      examples = ", ".join(sorted({path.split("/")[0] + "/*" for path in paths.values()}))
+      raise UserInputError(
+        f"optim.frozen: {pattern!r} matches no parameter (top-level groups: {examples})"
+      )
+  return traverse_util.unflatten_dict(
+    {key: any(fnmatch.fnmatchcase(path, p) for p in patterns) for key, path in paths.items()}
+  )
+
+
 def make_optimizer(config, params) -> optax.GradientTransformation:
-  """config: the `optim` ConfigDict (see experiments/*.py)."""
+  """config: the `optim` ConfigDict (see experiments/*.py).
+
+  Parameters matched by `optim.frozen` get a zero update and no optimiser state: they are
+  outside the clipping norm, Adam's moments and weight decay alike."""
+  frozen = tuple(config.get("frozen", ()) or ())
+  if frozen:
+    mask = frozen_mask(params, frozen)
+    labels = jax.tree_util.tree_map(lambda f: "frozen" if f else "trained", mask)
+    trained = _make_trainable_optimizer(config, params, mask)
+    return optax.multi_transform({"trained": trained, "frozen": optax.set_to_zero()}, labels)
+  return _make_trainable_optimizer(config, params)
+
+
+def _make_trainable_optimizer(config, params, frozen=None) -> optax.GradientTransformation:
+  """The optimiser of the trained parameters; under multi_transform the frozen ones reach it as
+  optax.MaskedNode, so the per-parameter lr scales are masked the same way."""
   direction = OPTIMIZERS.get(config.name)
   if direction is None:
     raise UserInputError(
@@ -140,6 +174,10 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
     lr_scales = stage_wise_lr_scales(params, config.layer_decay, config.layer_decay_num_layers)
   else:
     lr_scales = jax.tree_util.tree_map(lambda _: 1.0, params)
+  if frozen is not None:
+    lr_scales = jax.tree_util.tree_map(
+      lambda scale, is_frozen: optax.MaskedNode() if is_frozen else scale, lr_scales, frozen
+    )
   parts = []
   if config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))

@@ -99,3 +99,42 @@ def test_adamw_step_matches_pytorch_semantics():
     new["backbone"]["stages_1_0"]["bias"], torch_adamw(1.0, 0.5, lr_stage1, 0.0), rtol=1e-5
   )
   np.testing.assert_allclose(new["head"]["kernel"], torch_adamw(2.0, 0.5, 1e-2, 0.05), rtol=1e-5)
+
+
+def test_frozen_parameters_stay_put_and_the_rest_train_as_before():
+  """optim.frozen: matched parameters get a zero update and no Adam state; the others get
+  exactly the update they get without freezing (clipping counts only them)."""
+  params = {
+    "backbone": {"stages_1_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))}},
+    "head": {"kernel": jnp.full((3, 2), 2.0)},
+  }
+  grads = {
+    "backbone": {"stages_1_0": {"kernel": jnp.full((2, 3), 50.0), "bias": jnp.ones((3,))}},
+    "head": {"kernel": jnp.full((3, 2), 0.5)},
+  }
+  config = _config(lr=1e-2, warmup_steps=0, schedule="constant", min_lr=0.0, grad_clip_norm=1.0)
+  frozen = optim.make_optimizer(
+    ml_collections.ConfigDict(dict(config, frozen=("backbone/*",))), params
+  )
+  state = frozen.init(params)
+  updates, state = frozen.update(grads, state, params)
+  updates, _ = frozen.update(grads, state, params)  # A second step: the state is consistent.
+  assert all(np.all(u == 0) for u in jax.tree_util.tree_leaves(updates["backbone"]))
+  # Adam moments exist for the head only.
+  moment_sizes = sum(x.size for x in jax.tree_util.tree_leaves(state) if x.ndim > 0)
+  assert moment_sizes == 2 * 6
+  # The head's update equals training the head alone.
+  head_only = optim.make_optimizer(config, {"head": params["head"]})
+  head_state = head_only.init({"head": params["head"]})
+  head = {"head": params["head"]}
+  expected, head_state = head_only.update({"head": grads["head"]}, head_state, head)
+  expected, _ = head_only.update({"head": grads["head"]}, head_state, head)
+  np.testing.assert_allclose(updates["head"]["kernel"], expected["head"]["kernel"], rtol=1e-6)
+
+
+def test_frozen_pattern_matching_nothing_is_an_error():
+  from miml_jax.errors import UserInputError
+
+  config = ml_collections.ConfigDict(dict(_config(), frozen=("bakbone/*",)))
+  with pytest.raises(UserInputError, match="optim.frozen: 'bakbone/\\*' matches no parameter"):
+    optim.make_optimizer(config, {"backbone": {"kernel": jnp.ones((2, 2))}})
