@@ -4,9 +4,11 @@
   eval     score a checkpoint on a dataset with the MIML protocol
   predict  heatmaps, overlays and binary masks for images or folders
   qes      the quality evaluation score of soft masks
+  annotate CAAA: classify, route and annotate (authentic, forged) pairs into a training set
   data     build TFDS datasets (datasets/) and look at any data source
   convert  official PyTorch / safetensors / npz weights -> a miml-jax init file (--init)
   demo     a local web page: upload an image, see each model's heatmap, mask and score
+  bench    train-step and inference throughput of the models, PyTorch side by side
 
 Every command that computes numbers prints them as one JSON object on stdout with --json
 (progress goes to stderr). Bad input ends with a one-line `error: ...` naming the file or key
@@ -345,6 +347,62 @@ def cmd_qes(args, overrides):
   )
 
 
+# ---- annotate --------------------------------------------------------------------------------
+def cmd_annotate(args, overrides):
+  import jax
+
+  from miml_jax import annotate
+
+  if overrides:
+    raise UserInputError(f"annotate takes no --config.* overrides, got {overrides[0]}")
+  settings = annotate.AnnotateConfig.from_dict(
+    {k: v for k, v in vars(args).items() if k in annotate.AnnotateConfig.__dataclass_fields__}
+  )
+  if args.process_count is not None or args.process_index is not None:
+    if args.process_count is None or args.process_index is None:
+      raise UserInputError("give --process-index and --process-count together")
+    if not 0 <= args.process_index < args.process_count:
+      raise UserInputError(
+        f"--process-index {args.process_index} is not in [0, {args.process_count})"
+      )
+    index, count = args.process_index, args.process_count
+  else:  # One process, or each jax.distributed process (--multihost) takes its share.
+    index, count = jax.process_index(), jax.process_count()
+  models = {}
+  for role, expected in (
+    ("classifier", ("pair_classification",)),
+    ("spg", ("pair_segmentation",)),
+    ("sdg", ("sdg_segmentation",)),
+  ):
+    path = getattr(args, role)
+    models[role] = (
+      annotate.load_model(path, getattr(args, f"{role}_config"), role, expected) if path else None
+    )
+  counts = annotate.annotate(
+    args.pairs,
+    args.out,
+    **models,
+    route=args.route,
+    settings=settings,
+    split=args.split,
+    image_size=args.image_size,
+    limit=args.limit,
+    process_index=index,
+    process_count=count,
+  )
+  summary_path = os.path.join(args.out, "report", "summary.json")
+  summary = None
+  if os.path.isfile(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+  _emit(
+    args,
+    {"counts": counts, "summary": summary},
+    f"annotate: {', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'nothing to do'}"
+    + (f"; report in {os.path.join(args.out, 'report')}" if summary else ""),
+  )
+
+
 # ---- demo ------------------------------------------------------------------------------------
 def cmd_demo(args, overrides):
   from miml_jax import demo
@@ -375,7 +433,15 @@ def cmd_data(args, overrides):
   if args.data_command == "build":
     from miml_jax.input import tfds_build
 
-    result = tfds_build.build(args.name, args.config, args.manual_dir, args.data_dir, args.builders)
+    result = tfds_build.build(
+      args.name,
+      args.config,
+      args.manual_dir,
+      args.data_dir,
+      args.builders,
+      beam_runner=args.beam_runner,
+      beam_options=args.beam_options,
+    )
     counts = ", ".join(f"{split} {n}" for split, n in result["splits"].items())
     _emit(
       args,
@@ -468,7 +534,7 @@ def cmd_convert(args, overrides):
     raise UserInputError("give --config CFG (its model section) or --model NAME")
   model = models.build_model(config.model)
   target = models.abstract_variables(model, config)
-  state_dict = convert.read_state_dict(args.source)
+  state_dict = models.official_state_dict(config.model, convert.read_state_dict(args.source))
   variables, report = convert.state_dict_to_variables(
     state_dict, target, strict=not args.partial, source=args.source
   )
@@ -487,6 +553,35 @@ def cmd_convert(args, overrides):
     f"{args.source} -> {args.out} ({config.model.name}): {report.summary()}; "
     f"{report.converted} of the model's {total} tensors",
   )
+
+
+# ---- bench -----------------------------------------------------------------------------------
+def cmd_bench(args, overrides):
+  from miml_jax import bench
+
+  if overrides:
+    raise UserInputError(f"bench takes no config overrides, got {overrides}")
+  split = lambda text: [t for t in text.split(",") if t]
+  preset = bench.PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
+  pick = lambda name: split(getattr(args, name)) if getattr(args, name) else preset[name]
+  torch_modes = pick("torch")
+  result = bench.run(
+    models=pick("models"),
+    sizes=pick("sizes"),
+    dtypes=pick("dtypes"),
+    modes=pick("modes"),
+    reps=args.reps or preset["reps"],
+    torch_modes=[] if torch_modes == ["none"] else torch_modes,
+    threads=args.torch_threads,
+    qes_masks=preset["qes_masks"] if args.qes_masks is None else args.qes_masks,
+    log=lambda line: print(line, file=sys.stderr, flush=True),
+  )
+  result["command"] = "miml-jax bench " + " ".join(
+    shlex.quote(a) for a in (args.argv or sys.argv[1:])[1:]
+  )
+  if args.out:
+    bench.write_json(result, args.out)
+  _emit(args, result, bench.table(result))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -628,6 +723,90 @@ def build_parser() -> argparse.ArgumentParser:
     "--keep-threshold", type=float, default=0.5, help="keep a mask iff QES > this (default 0.5)"
   )
 
+  an = add(
+    "annotate",
+    "CAAA: turn (authentic, forged) pairs into a pixel-annotated training set",
+    "Classifies each pair (--classifier, or --route for all), routes it to the in-place edit\n"
+    "annotator (--spg, a pair_segmentation model such as DASS) or the pasted-donor annotator\n"
+    "(--sdg, an sdg_segmentation model such as SACM or Corr-DINO), predicts its soft mask with\n"
+    "the official flip test-time augmentation, scores QES and keeps it iff QES > the cut-off.\n"
+    "Writes into --out: imgs/ (the forged files, unchanged) and masks/ (soft masks) of kept\n"
+    "pairs, rejected/ (their soft masks), annotations-<k>-of-<n>.jsonl (one record per pair),\n"
+    "annotate.json (the settings) and report/ (report.md, QES histogram, contact sheet).\n"
+    "A killed run resumes where it stopped; build the dataset with\n"
+    "`miml-jax data build mimlv2 --config annotations --manual-dir OUT`. docs/caaa.md.",
+  )
+  an.add_argument(
+    "--pairs",
+    required=True,
+    help="pairs:ROOT (ROOT/<id>/0.<ext> authentic, 1.<ext> forged), tfds:ciml_pairs/..., or a "
+    "synthetic pair source (coco_spg:PATH, coco_sdg:PATH, mixtures with +)",
+  )
+  an.add_argument("--out", required=True, help="output folder (new, empty, or a run to resume)")
+  an.add_argument("--split", default="train", help="split of --pairs (default train)")
+  an.add_argument(
+    "--image-size", type=int, default=512, help="crop size of synthetic pair sources (512)"
+  )
+  an.add_argument("--limit", type=int, help="only the first N pairs")
+  for role, what in (
+    ("classifier", "the pair classifier"),
+    ("spg", "the in-place edit (SPG) annotator"),
+    ("sdg", "the pasted-donor (SDG) annotator"),
+  ):
+    an.add_argument(f"--{role}", help=f"{what}: a training workdir, or an init file")
+    an.add_argument(f"--{role}-config", help=f"with an init file for --{role}: its config")
+  an.add_argument(
+    "--route",
+    choices=("spg", "spg_unaligned", "sdg"),
+    help="send every pair this way instead of classifying",
+  )
+  an.add_argument("--qes-threshold", type=float, default=0.5, help="keep iff QES > this (0.5)")
+  an.add_argument(
+    "--qes-routes",
+    type=lambda text: tuple(t for t in text.split(",") if t),
+    default=("spg", "spg_unaligned", "sdg"),
+    help="routes the QES cut-off applies to (default all; v1 filtered only sdg)",
+  )
+  an.add_argument("--classifier-size", type=int, default=512, help="classifier input (512)")
+  an.add_argument("--spg-size", type=int, default=1024, help="SPG annotator input (1024)")
+  an.add_argument("--sdg-size", type=int, default=512, help="SDG annotator input (512)")
+  an.add_argument(
+    "--no-tta", dest="tta", action="store_false", help="no flip test-time augmentation"
+  )
+  an.add_argument("--spg-tta", choices=("mean", "sum"), default="mean", help="official: mean")
+  an.add_argument("--sdg-tta", choices=("mean", "sum"), default="sum", help="official: sum")
+  an.add_argument(
+    "--unaligned",
+    choices=("align", "drop"),
+    default="align",
+    help="cropped same-source pairs: align by the predicted box and annotate (default), or "
+    "drop them as the v1 code does",
+  )
+  an.add_argument("--min-side", type=int, default=32, help="skip smaller images (32 px)")
+  an.add_argument(
+    "--max-aspect", type=float, default=8.0, help="skip images with a longer side ratio (8)"
+  )
+  an.add_argument("--batch-size", type=int, default=8, help="pairs per batch (8)")
+  an.add_argument(
+    "--no-save-rejected",
+    dest="save_rejected",
+    action="store_false",
+    help="do not keep the soft masks of rejected pairs",
+  )
+  an.add_argument(
+    "--recompress",
+    type=lambda text: tuple(int(v) for v in text.split(",")),
+    default=(0, 0),
+    metavar="QMIN,QMAX",
+    help="evaluation on synthetic pairs: JPEG-recompress each image on its own at a quality "
+    "in [QMIN, QMAX], as web pairs are (default off)",
+  )
+  an.add_argument(
+    "--process-index", type=int, help="with --process-count: this process's share, from 0"
+  )
+  an.add_argument("--process-count", type=int, help="number of processes splitting the pairs")
+  _add_multihost_args(an)
+
   da = add(
     "data",
     "build TFDS datasets; look at any data source",
@@ -648,6 +827,14 @@ def build_parser() -> argparse.ArgumentParser:
     help="where to write (default $TFDS_DATA_DIR or ~/tensorflow_datasets)",
   )
   build.add_argument("--builders", help="the folder of builders (default ./datasets)")
+  build.add_argument(
+    "--beam-runner",
+    help="make the examples with Apache Beam on this runner (DirectRunner, DataflowRunner, "
+    "FlinkRunner, SparkRunner; needs the beam extra); mimlv2 supports it",
+  )
+  build.add_argument(
+    "--beam-options", default="", help="the runner's pipeline flags, as one quoted string"
+  )
   show = data_commands.add_parser(
     "show",
     help="contact sheet of a data source",
@@ -718,16 +905,17 @@ def build_parser() -> argparse.ArgumentParser:
     "every\ntensor onto the model's flax tree (torch key names, with DDP 'module.' and "
     "mmseg\n'backbone.' / 'decode_head.' prefixes aligned automatically) and writes an "
     "init file\n(msgpack: weights, model config, provenance) for train / eval / predict "
-    "--init.\nStrict by default: unmapped, missing or mis-shaped tensors are an error "
-    "listing them.",
+    "--init.\nKeras HDF5 weights (.h5 / .hdf5 / .hd5: ManTraNet, BusterNet) are read "
+    "with h5py\nby their original layer names. Strict by default: unmapped, missing or "
+    "mis-shaped\ntensors are an error listing them.",
   )
   cv.add_argument("source", help="the weights file")
   cv.add_argument("--out", required=True, help="the init file to write (.msgpack)")
   cv.add_argument("--config", help="experiments/NAME.py[:arg] whose model section is the target")
   cv.add_argument(
     "--model",
-    choices=("apsc_net", "web_iml"),
-    help="instead of --config: this model with its default (official) settings",
+    help="instead of --config: this model (a name of models.MODELS: apsc_net, "
+    "pair_classifier, dass, sacm, mantranet, busternet, ...) with its default (official) settings",
   )
   cv.add_argument(
     "--partial",
@@ -736,6 +924,28 @@ def build_parser() -> argparse.ArgumentParser:
     "into a segmentor); the result can only initialise training",
   )
   cv.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+  be = add(
+    "bench",
+    "train-step and inference throughput, PyTorch side by side",
+    "Times the train step (forward + backward + AdamW) and inference of ConvNeXt-T / -B +\n"
+    "UPerNet and APSC-Net on random inputs, jitted, next to PyTorch eager and torch.compile\n"
+    "of the reference modules (tests/torch_reference.py; needs the bench extra), interleaved\n"
+    "rep by rep; warm-up excluded, median and spread, XLA FLOPs, ratios. Prints a table;\n"
+    "--out writes the JSON (machine, versions, load). Presets: full (default), --quick\n"
+    "(small sizes, float32, a few minutes), --tiny (toy models, seconds).",
+  )
+  be.add_argument("--quick", action="store_true", help="small sizes, float32, 3 reps")
+  be.add_argument("--tiny", action="store_true", help="toy models at 32 px (checks it runs)")
+  be.add_argument("--models", help="comma-separated (default: the preset's); see miml_jax/bench.py")
+  be.add_argument("--sizes", help="standard, small or pixels, comma-separated")
+  be.add_argument("--dtypes", help="float32, bfloat16")
+  be.add_argument("--modes", help="train, infer")
+  be.add_argument("--torch", help="eager, compile, or none (default eager,compile)")
+  be.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+  be.add_argument("--reps", type=int, help="timed repetitions per contender")
+  be.add_argument("--qes-masks", type=int, help="512 px masks in the QES timing (0: skip)")
+  be.add_argument("--out", help="write the results as JSON here")
   return parser
 
 
@@ -760,9 +970,11 @@ COMMANDS = {
   "eval": cmd_eval,
   "predict": cmd_predict,
   "qes": cmd_qes,
+  "annotate": cmd_annotate,
   "data": cmd_data,
   "convert": cmd_convert,
   "demo": cmd_demo,
+  "bench": cmd_bench,
 }
 
 

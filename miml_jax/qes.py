@@ -14,7 +14,8 @@ so QES is 1.0 for any non-empty mask and 0.0 for an empty one; it tells nothing 
 
 `qes` scores one (H, W) mask and is traceable (use it inside your own jitted annotation step);
 `qes_batch` is jitted and vmapped over a padded batch of masks of different sizes; `qes_files`
-scores soft-mask files on disk in fixed-shape chunks.
+scores soft-mask files on disk in fixed-shape chunks; `qes_numpy` is the same score without a
+device.
 """
 
 from collections.abc import Sequence
@@ -149,6 +150,25 @@ def qes_batch(
   return _qes_batch(
     probs, _as_valid(valid, probs.shape), low=float(low), high=float(high), eps=float(eps)
   )
+
+
+def qes_numpy(
+  prob: np.ndarray,
+  *,
+  low: float = DEFAULT_LOW,
+  high: float = DEFAULT_HIGH,
+  eps: float = DEFAULT_EPS,
+) -> float:
+  """QES of one (H, W) soft mask in NumPy, for code without a device (dataset builders' Beam
+  workers, where a compilation per mask size would cost more than the score): the same counts
+  as `qes`, NaN for values outside [0, 1] alike."""
+  _check_params(low, high, eps)
+  prob = np.asarray(prob, np.float32)
+  if not np.all((prob >= 0) & (prob <= 1)):
+    return float("nan")
+  num = np.float32(np.count_nonzero(prob > np.float32(high)))
+  den = np.float32(np.count_nonzero(prob > np.float32(low)))
+  return float(num / (den + np.float32(eps)))
 
 
 def _round_up(value: int, multiple: int) -> int:

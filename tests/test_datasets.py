@@ -95,6 +95,39 @@ def test_mimlv2_builds_and_reads_back_like_the_folder(tmp_path, capsys):
   assert code == 2 and "exists" in capsys.readouterr().err
 
 
+def test_mimlv2_annotations_build_with_beam_like_without(tmp_path, capsys):
+  """`--beam-runner DirectRunner`: the same examples from Beam workers (TFDS's Beam support)
+  as from the plain build, on the layout `miml-jax annotate` writes."""
+  pytest.importorskip("apache_beam")
+  manual = tmp_path / "annotated"
+  _miml_folder(manual)
+  records = [
+    {"index": k, "id": f"p{k}", "name": str(k), "status": "kept", "qes": 0.5} for k in (0, 2)
+  ]
+  records.append({"index": 9, "status": "error", "reason": "unreadable"})
+  (manual / "annotations-00000-of-00001.jsonl").write_text(
+    "".join(json.dumps(r) + "\n" for r in records)
+  )
+  built = {}
+  for runner in (None, "DirectRunner"):
+    data_dir = tmp_path / f"tfds_{runner}"
+    argv = ["data", "build", "mimlv2", "--config", "annotations", "--manual-dir", str(manual)]
+    argv += ["--data-dir", str(data_dir), "--builders", BUILDERS]
+    code = cli.main(argv + (["--beam-runner", runner] if runner else []))
+    assert code == 0, capsys.readouterr().err[-2000:]
+    source = sources.make_source(f"tfds:{data_dir}/mimlv2/annotations", "train")
+    built[runner] = {source[i]["id"]: source[i] for i in range(len(source))}
+  plain, beam = built[None], built["DirectRunner"]
+  assert sorted(plain) == sorted(beam) == ["0", "1", "2", "3", "4"]
+  for key, example in plain.items():
+    for field in ("image", "mask"):
+      np.testing.assert_array_equal(beam[key][field], example[field])
+    assert beam[key]["qes"] == example["qes"]
+  assert plain["0"]["qes"] == 0.5
+  computed = qes.qes_files([str(manual / "masks" / "1.png")])[0]
+  assert plain["1"]["qes"] == pytest.approx(computed)
+
+
 def test_build_errors_name_the_problem(tmp_path, capsys):
   (tmp_path / "empty").mkdir()
   (tmp_path / "README").write_text("not a dataset")

@@ -68,7 +68,7 @@ def test_pair_folder_and_built_ciml_pairs_give_the_same_samples(tmp_path, capsys
   samples = [source[i] for i in range(3)]
   assert [s["id"] for s in samples] == ["a", "b", "c"]
   for sample in samples:
-    assert set(sample) == PAIR_KEYS
+    assert set(sample) == PAIR_KEYS | {"forged_bytes"}
     assert sample["authentic"].dtype == sample["forged"].dtype == np.uint8
     assert sample["mask"].dtype == np.uint8 and sample["mask"].shape == sample["forged"].shape[:2]
   a, b, c = samples
@@ -147,7 +147,11 @@ def test_the_shared_web_pairs(shared_data):
   same_size = 0
   for index in range(len(source)):
     sample = source[index]
-    assert set(sample) == PAIR_KEYS and not sample["has_mask"] and not sample["mask"].any()
+    assert (
+      set(sample) == PAIR_KEYS | {"forged_bytes"}
+      and not sample["has_mask"]
+      and not sample["mask"].any()
+    )
     assert sample["mask"].shape == sample["forged"].shape[:2]
     same_size += sample["authentic"].shape == sample["forged"].shape
   assert same_size == 25  # As the data's README says.
@@ -185,7 +189,7 @@ def coco_root(tmp_path):
 
 
 def check_spg_sample(sample, size):
-  assert set(sample) == PAIR_KEYS | {"kind"}
+  assert set(sample) == PAIR_KEYS | {"kind", "route"}
   assert sample["authentic"].shape == sample["forged"].shape == (size, size, 3)
   assert sample["mask"].shape == (size, size) and set(np.unique(sample["mask"])) <= {0, 255}
   assert sample["has_mask"] and not sample["is_jpeg"]

@@ -96,6 +96,17 @@ def test_value_in_unit_interval(p):
   assert value == pytest.approx(reference_qes(p), rel=1e-6, abs=1e-12)
 
 
+@settings(max_examples=40, deadline=None)
+@given(soft_masks)
+def test_numpy_version_equals_the_jitted_one(p):
+  """qes_numpy (the dataset builders' Beam workers) gives qes's float32 score exactly."""
+  assert qes_lib.qes_numpy(p) == float(qes_lib.qes(p))
+
+
+def test_numpy_version_flags_bad_values():
+  assert np.isnan(qes_lib.qes_numpy(np.full((4, 4), 255, np.uint8)))
+
+
 @settings(max_examples=25, deadline=None)
 @given(
   soft_masks,

@@ -101,6 +101,9 @@ class Forgery:
   x: int  # top-left of the pasted patch in the host (may be negative: clipped)
   y: int
   occluded: bool  # whether the host's objects were kept in front
+  # Copy-move only: uint8 (H, W) in {0, 255}, the copied object's own pixels (its instance mask
+  # in the host), the source the copy-move task's 3-class label needs; None for a splice.
+  source_mask: np.ndarray | None = None
 
 
 def cut_object(image: np.ndarray, instance: np.ndarray, scale: float = 1.0, flip: bool = False):
@@ -317,9 +320,14 @@ def copy_move(
       break
   else:
     return None
-  return _finish(
+  result = _finish(
     (image, patch, alpha), instances, index, scale, flip, x, y, rng, cfg, exclude=index
   )
+  if result is None:
+    return None
+  # The source never meets the target (rule 4), so the two masks are disjoint.
+  source = (instances[index] != 0).astype(np.uint8) * np.uint8(255)
+  return dataclasses.replace(result, source_mask=source)
 
 
 class InstanceForgerySource:
@@ -327,7 +335,9 @@ class InstanceForgerySource:
 
   Item i is a forgery made on host image i of `instances` (coco.CocoInstances or
   coco.BuiltCocoInstances: both give identical samples) with an rng drawn from (seed, split,
-  mode, i). Items follow the source contract of `miml_jax.input.sources`, plus 'kind'
+  mode, i). Items follow the source contract of `miml_jax.input.sources` ('mask' is the
+  target, the pixels written), plus, for copy-move, 'source_mask' (the copied object's pixels,
+  all zero for the fallback), and 'kind'
   ('splice', 'copy_move', or 'authentic' for the fallback) and 'donor' (the donor image's name:
   the host's own for copy-move, '' for the fallback). With `keep_host` they also hold
   'host_image', the crop before the paste (for `miml-jax data show`).
@@ -398,6 +408,8 @@ class InstanceForgerySource:
           "kind": self.mode,
           "donor": donor_name,
         }
+        if result.source_mask is not None:
+          sample["source_mask"] = result.source_mask
         break
     else:
       self.fallback_count += 1
@@ -407,6 +419,8 @@ class InstanceForgerySource:
         "kind": "authentic",
         "donor": "",
       }
+      if self.mode == "copy_move":
+        sample["source_mask"] = np.zeros((size, size), np.uint8)
     # A new composite, held losslessly: not a JPEG file any more.
     sample.update(id=host["name"], is_jpeg=False)
     if self.keep_host:

@@ -5,7 +5,8 @@ A pair sample is
   {'authentic': uint8 (H, W, 3) RGB, 'forged': uint8 (H2, W2, 3) RGB,
    'mask': uint8 (H2, W2) grey 0..255, the edited pixels in the FORGED image's frame (all zero
            when the pair has none, e.g. real web pairs, which then have 'has_mask' False),
-   'has_mask': bool, 'id': str, 'is_jpeg': bool (of the forged file)}
+   'has_mask': bool, 'id': str, 'is_jpeg': bool (of the forged file),
+   'forged_bytes': the forged file's bytes (real pairs only)}
 and a classifier pair (pair_synth:) adds 'same_source' (int 0/1), 'aligned' (int 0/1) and 'box'
 (float32 (4,): (x0, y0, x1, y1) of the crop, normalised to the source image, (0, 0, 1, 1) when
 aligned).
@@ -69,6 +70,8 @@ def _pair_sample(
     "has_mask": bool(mask_bytes),
     "id": sample_id,
     "is_jpeg": is_jpeg_bytes(forged_bytes),
+    # The forged file itself: `miml-jax annotate` stores it unchanged (never re-encoded).
+    "forged_bytes": forged_bytes,
   }
 
 
@@ -452,6 +455,7 @@ class SPGSource:
       "id": host["name"],
       "is_jpeg": False,
       "kind": kind,
+      "route": "spg",
     }
 
 

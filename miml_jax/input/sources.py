@@ -23,6 +23,9 @@ Source strings:
                             instance mask; PATH as for coco: (a folder or tfds:...)
   coco_copymove:PATH        synthetic copy-moves: an object copied within the image; both
                             deterministic per (seed, index), see instance_forgery.py
+  coco_edit:PATH            the forged images of coco_spg:PATH alone, as single-image samples:
+                            an object recoloured, removed (inpainted) or replaced in place
+                            (recipe: data.spg); see EditedImageSource
 
 Pair sources (samples {'authentic', 'forged', 'mask' in the forged frame, 'has_mask', 'id',
 'is_jpeg', ...} instead of an image; see pairs.py):
@@ -32,6 +35,9 @@ Pair sources (samples {'authentic', 'forged', 'mask' in the forged frame, 'has_m
                             'authentic' and 'forged' features): the same samples as pairs:
   coco_spg:PATH             synthetic SPG pairs, a COCO object recoloured, removed (inpainted)
                             or replaced in place; PATH as for coco: (recipe: data.spg)
+  coco_sdg:PATH             synthetic SDG pairs, an object of one COCO photo pasted into
+                            another, with 'donor_mask' on the authentic image (recipe:
+                            data.instance_forgery); see sdg.py
   pair_synth:/path/photos   the CAAA pair classifier's self-supervised pairs from any folder of
                             photos (recursively), with same_source, aligned and box labels
                             (recipe: data.pair_synth)
@@ -286,6 +292,23 @@ def _tfds_source(arg: str, split: str) -> TfdsSource:
   return TfdsSource(directory, split_name or split, f"tfds:{name}")
 
 
+class EditedImageSource:
+  """A pair source's forged images as single-image samples ({'image', 'mask', 'id',
+  'is_jpeg', 'kind'}): coco_edit: is coco_spg:'s in-place edits for single-image tasks."""
+
+  def __init__(self, pairs_source):
+    self.pairs = pairs_source
+
+  def __len__(self) -> int:
+    return len(self.pairs)
+
+  def __getitem__(self, index: int) -> dict:
+    sample = self.pairs[index]
+    out = {"image": sample["forged"], "mask": sample["mask"], "id": sample["id"]}
+    out.update(is_jpeg=sample.get("is_jpeg", False), kind=sample.get("kind", ""))
+    return out
+
+
 class MixtureSource:
   """Sources concatenated, each repeated `repeat` times; ids are prefixed with their source."""
 
@@ -442,6 +465,10 @@ def _make_source(spec: str, split: str, settings: _Settings):
 
 def _make_one(spec: str, split: str, settings: _Settings):
   kind, _, arg = spec.partition(":")
+  if kind == "coco_edit":
+    if not arg:
+      raise UserInputError(f"data source '{spec}': give a path, coco_edit:/path/to/coco")
+    return EditedImageSource(_make_one(f"coco_spg:{arg}", split, settings))
   image_size, seed, skip = settings.image_size, settings.seed, settings.skip
   if kind == "synthetic":
     num = int(arg) if arg else None
@@ -489,7 +516,7 @@ def _make_one(spec: str, split: str, settings: _Settings):
       config=pairs.PairSynthConfig.from_config(settings.pair_synth),
       holdout_split=split != "train",
     )
-  if kind in ("coco", "coco_splice", "coco_copymove", "coco_spg"):
+  if kind in ("coco", "coco_splice", "coco_copymove", "coco_spg", "coco_sdg"):
     if not arg:
       raise UserInputError(
         f"data source '{spec}': give a path, {kind}:/path/to/coco or {kind}:tfds:coco_instances"
@@ -513,6 +540,17 @@ def _make_one(spec: str, split: str, settings: _Settings):
         split_id=split_id,
         config=ObjectJitterConfig.from_config(settings.object_jitter),
       )
+    if kind == "coco_sdg":
+      from miml_jax.input import sdg
+
+      # The paste is coco_splice's (data.instance_forgery); donor and host from one split.
+      return sdg.SDGSource(
+        instances,
+        crop_size=image_size,
+        seed=seed,
+        split_id=split_id,
+        config=instance_forgery.InstanceForgeryConfig.from_config(settings.instance_forgery),
+      )
     if kind == "coco_spg":
       from miml_jax.input import pairs
 
@@ -534,5 +572,5 @@ def _make_one(spec: str, split: str, settings: _Settings):
   raise UserInputError(
     f"data source '{spec}': unknown kind '{kind}' (known: synthetic, folder:PATH, benco:PATH, "
     f"tfds:NAME/CONFIG, coco:PATH, coco_splice:PATH, coco_copymove:PATH, pairs:PATH, "
-    f"coco_spg:PATH, pair_synth:PATH)"
+    f"coco_spg:PATH, pair_synth:PATH, coco_edit:PATH, coco_sdg:PATH)"
   )

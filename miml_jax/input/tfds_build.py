@@ -9,6 +9,7 @@ its builder code (sources.TfdsSource).
 import contextlib
 import importlib.util
 import os
+import shlex
 import sys
 
 from miml_jax.errors import UserInputError
@@ -71,9 +72,21 @@ def load_builder_class(name: str, directory: str):
 
 
 def build(
-  name: str, config: str | None, manual_dir: str, data_dir: str, builders: str | None = None
+  name: str,
+  config: str | None,
+  manual_dir: str,
+  data_dir: str,
+  builders: str | None = None,
+  beam_runner: str | None = None,
+  beam_options: str = "",
 ) -> dict:
-  """Builds NAME/CONFIG into data_dir; returns {'directory', 'splits': {split: examples}}."""
+  """Builds NAME/CONFIG into data_dir; returns {'directory', 'splits': {split: examples}}.
+
+  beam_runner ('DirectRunner', 'DataflowRunner', 'FlinkRunner', 'SparkRunner', ...): the
+  examples are made by an Apache Beam pipeline on that runner, through TFDS's Beam support,
+  for builders that offer it (`use_beam`); beam_options are the runner's command-line flags
+  (e.g. '--project=P --region=R --temp_location=gs://B/tmp' for Dataflow, or
+  '--direct_num_workers=8 --direct_running_mode=multi_processing' locally)."""
   import tensorflow_datasets as tfds
 
   builder_class = load_builder_class(name, builders_dir(builders))
@@ -88,12 +101,49 @@ def build(
   builder = builder_class(
     config=config, data_dir=os.path.expanduser(data_dir), file_format="array_record"
   )
+  beam = {}
+  if beam_runner:
+    if not hasattr(builder, "use_beam"):
+      raise UserInputError(f"dataset '{name}': its builder does not build with Apache Beam")
+    try:
+      from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:
+      raise UserInputError(
+        "--beam-runner needs Apache Beam: pip install 'miml-jax[beam]'"
+      ) from None
+    builder.use_beam = True
+    beam = dict(beam_runner=beam_runner, beam_options=PipelineOptions(shlex.split(beam_options)))
   # TFDS narrates on stdout, which belongs to the command's --json output.
   with contextlib.redirect_stdout(sys.stderr):
     builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(manual_dir))
+      download_config=tfds.download.DownloadConfig(manual_dir=os.path.abspath(manual_dir), **beam)
     )
   splits = {split: info.num_examples for split, info in builder.info.splits.items()}
   if not any(splits.values()):
     raise UserInputError(f"{manual_dir}: dataset '{name}' built with no examples")
   return {"directory": os.fspath(builder.data_dir), "splits": splits}
+
+
+def miml_example(item):
+  """One (key, example) of the mimlv2 builder from (stem, image file, mask file, QES or None,
+  category): the pure function its Beam workers run (here, so that they can import it)."""
+  from miml_jax import io, qes
+
+  stem, image_path, mask_path, score, source = item
+  image_bytes = io.read_bytes(image_path)
+  image = io.decode_image(image_bytes, image_path)
+  mask = io.read_mask(mask_path)
+  io.check_same_size(image, mask, image_path, mask_path)
+  if score is None:
+    score = qes.qes_numpy(io.read_soft_mask(mask_path))
+  return (
+    stem,
+    {
+      "image": image_bytes,
+      "mask": io.encode_image(mask, ".png"),
+      "id": stem,
+      "is_jpeg": image_path.lower().endswith((".jpg", ".jpeg")),
+      "qes": float(score),
+      "source": source,
+    },
+  )

@@ -8,6 +8,15 @@
 * 'upernet': a ConvNeXt or VAN + UPerHead (+ FCN aux) encoder-decoder of any input channels,
   e.g. 9 for pair segmentation (segmentor.py).
 * 'pair_classifier': the CAAA pair classifier's ConvNeXt + 8-output head (pair_classifier.py).
+* 'dass': CAAA's DASS annotator of in-place edits, VAN-B5 (or ConvNeXt) + UPerLab (dass.py).
+* 'sacm': CAAA's SACM annotator of SDG pairs, siamese ConvNeXt-B UPerNet + correlation +
+  DeepLabV3+ (sacm.py).
+* 'corr_dino': CAAAv2's Corr-DINO SDG annotator (a reconstruction): frozen DINO / DINOv2 ViT
+  features, SACM's correlation as a prior, a light decoder (corr_dino.py, vit.py).
+* 'mantranet': ManTra-Net from the official Keras source, at full resolution (mantranet.py);
+  its variables are named as the released .h5 files name them (keras_h5.py).
+* 'busternet': BusterNet from the official Keras source, copy-move with source / target
+  (busternet.py); its variables are named after the released .hd5 file's layers.
 
 Each is registered (MODELS) with the task it is built for, the default of `config.task`.
 
@@ -26,10 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from miml_jax.errors import UserInputError
-from miml_jax.models import apsc_net, common, web_iml
+from miml_jax.models import apsc_net, busternet, common, mantranet, pair_classifier, web_iml
 from miml_jax.models.apsc_net import APSCHead, APSCHeadConfig, APSCNet
+from miml_jax.models.busternet import BusterNet
 from miml_jax.models.convnext import CONVNEXT_PRESETS, ConvNeXt
+from miml_jax.models.corr_dino import CorrDINO
+from miml_jax.models.dass import DASS
+from miml_jax.models.mantranet import ManTraNet
 from miml_jax.models.pair_classifier import PairClassifier
+from miml_jax.models.sacm import SACM
 from miml_jax.models.segmentor import Segmentor
 from miml_jax.models.web_iml import BackboneConfig, WebIML
 
@@ -66,6 +80,12 @@ class ModelSpec:
   build: Callable[[Mapping[str, Any]], nn.Module]
   task: str
   example_inputs: Callable[[nn.Module], dict[str, jax.ShapeDtypeStruct]]
+  # (model section, params) -> params, applied after every optimiser update (Task.project):
+  # constrained kernels (ManTra-Net's Bayar filters); None for none.
+  project: Callable[[Mapping[str, Any], Any], Any] | None = None
+  # A released checkpoint's key -> this module's torch-style key, where the official layout
+  # differs from the module tree (the pair classifier's `norm` / `fc.3`); None: the same.
+  official_key: Callable[[str], str] | None = None
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -77,8 +97,24 @@ MODELS: dict[str, ModelSpec] = {
     Segmentor.from_config, "segmentation", lambda m: _image_input(m.backbone.in_chans)
   ),
   "pair_classifier": ModelSpec(
-    PairClassifier.from_config, "pair_classification", lambda m: _image_input(m.in_chans)
+    PairClassifier.from_config,
+    "pair_classification",
+    lambda m: _image_input(m.in_chans),
+    official_key=pair_classifier.official_key,
   ),
+  "dass": ModelSpec(
+    DASS.from_config, "pair_segmentation", lambda m: _image_input(m.backbone.in_chans)
+  ),
+  # SACM, CAAA's SDG annotator: two images in (authentic, forged), fixed input size.
+  "sacm": ModelSpec(SACM.from_config, "sdg_segmentation", lambda m: m.example_inputs()),
+  # Corr-DINO, CAAAv2's SDG annotator (our reconstruction): same contract as SACM.
+  "corr_dino": ModelSpec(CorrDINO.from_config, "sdg_segmentation", lambda m: m.example_inputs()),
+  # ManTra-Net (Keras official; its constraints are a projection after each update).
+  "mantranet": ModelSpec(
+    ManTraNet.from_config, "segmentation", lambda m: _image_input(3), mantranet.project
+  ),
+  # BusterNet (Keras official): copy-move with source / target; resizes to its input_size.
+  "busternet": ModelSpec(BusterNet.from_config, "copy_move", busternet.example_inputs),
 }
 
 
@@ -87,6 +123,13 @@ def model_spec(model_config: Mapping[str, Any]) -> ModelSpec:
   if name not in MODELS:
     raise UserInputError(f"model.name: {name!r} is not one of {sorted(MODELS)}")
   return MODELS[name]
+
+
+def official_state_dict(model_config: Mapping[str, Any], state_dict: dict) -> dict:
+  """A released checkpoint's state_dict with its keys in this model's layout (ModelSpec
+  .official_key; unchanged for models whose layouts agree)."""
+  rename = model_spec(model_config).official_key
+  return state_dict if rename is None else {rename(k): v for k, v in state_dict.items()}
 
 
 def build_model(model_config: Mapping[str, Any]) -> nn.Module:

@@ -3,7 +3,8 @@
 The key and layout rule lives in naming.py; this module applies it to whole state_dicts:
 
 * `read_state_dict(path)`: a .pth / .pt / .bin (torch.load with weights_only=True; torch is only
-  needed for these), .safetensors (safetensors.numpy, no torch) or .npz file -> {key: ndarray}.
+  needed for these), .safetensors (safetensors.numpy, no torch) or .npz file -> {key: ndarray};
+  a Keras .h5 / .hdf5 / .hd5 file is read by keras_h5.py and renamed by its model's KerasLayout.
   Checkpoints that wrap the weights (`{'state_dict': ...}`, `{'model': ...}`) are unwrapped.
 * `state_dict_to_variables(state_dict, target)`: maps every tensor onto the flax tree of `target`
   (an initialised or `jax.eval_shape`-d variables dict). Prefixes are aligned first: DDP's
@@ -52,13 +53,17 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
       from safetensors.numpy import load_file
 
       obj = load_file(path)
+    elif ext in (".h5", ".hdf5", ".hd5"):  # Keras weights, by the model's KerasLayout.
+      from miml_jax.models import keras_h5
+
+      obj = keras_h5.keras_state_dict(path)
     elif ext == ".npz":
       with np.load(path, allow_pickle=False) as data:
         obj = {k: data[k] for k in data.files}
     else:
       raise UserInputError(
         f"{path}: unknown weight format {ext!r}; expected one of "
-        f"{', '.join(TORCH_EXTENSIONS + ('.safetensors', '.npz'))}"
+        f"{', '.join(TORCH_EXTENSIONS + ('.safetensors', '.npz', '.h5'))}"
       )
   except UserInputError:
     raise

@@ -4,9 +4,12 @@ linear head of 8 outputs.
 The input is (authentic, forged) each resized to one size on its own, normalised and stacked on
 channels (6 channels, authentic first). The released classifier is a ConvNeXt with XL widths
 (dims 256/512/1024/2048, depths 3/3/27/3, drop path 0.8); its head is LayerNorm -> dropout ->
-global average pool -> Linear(dims[-1] -> 8). The 8 outputs read [0:2] same source (two-class
-logits), [2:4] aligned / not cropped (two-class logits), [4:8] the crop box (x0, y0, x1, y1) in
-the larger image's normalised coordinates; tasks/pair_classification.py says what they mean.
+global average pool -> Linear(dims[-1] -> 8). The released convxl.pth names them differently
+from this tree (`norm` is our backbone's output norm `backbone.norm3`, `fc.3` our `head`, the
+stages have no `backbone.` prefix): `official_key` maps its keys, and `miml-jax convert` applies
+it. The 8 outputs read [0:2] same source (two-class logits), [2:4] aligned / not cropped (two-
+class logits), [4:8] the crop box (x0, y0, x1, y1) in the larger image's normalised coordinates;
+tasks/pair_classification.py says what they mean.
 
 Config (`model` section):
 
@@ -25,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from miml_jax.errors import UserInputError
-from miml_jax.models import convnext, layers
+from miml_jax.models import convnext
 from miml_jax.models.common import as_dict, resolve_dtype
 
 
@@ -92,8 +95,22 @@ class PairClassifier(nn.Module):
       name="backbone",
       **kw,
     )(x, train)
-    feats = layers.layer_norm("head_norm", 1e-6, self.dtype, self.param_dtype)(feats)
+    # The backbone's output LayerNorm (norm3) is the official model's `norm`; then its
+    # fc = (Dropout, global average pool, Flatten, Linear).
     feats = nn.Dropout(self.head.dropout, deterministic=not train)(feats)
     pooled = jnp.mean(feats.astype(jnp.float32), axis=(1, 2))
     out = nn.Dense(self.head.num_outputs, name="head", **kw)(pooled)
     return {"logits": out.astype(jnp.float32)}
+
+
+def official_key(key: str) -> str:
+  """A key of the released convxl.pth (classify_convxl.py's ConvNeXt, DataParallel's 'module.'
+  included) -> the torch-style key of this module's tree; other keys pass unchanged."""
+  key = key.removeprefix("module.")
+  if key.startswith(("downsample_layers.", "stages.")):
+    return "backbone." + key
+  if key.startswith("norm."):
+    return "backbone.norm3." + key.removeprefix("norm.")
+  if key.startswith("fc.3."):
+    return "head." + key.removeprefix("fc.3.")
+  return key

@@ -6,14 +6,18 @@ is a module here with a Task subclass, and one line in TASKS.
 
 from miml_jax.errors import UserInputError
 from miml_jax.tasks.base import IMAGE, MASK, DenseTask, Task
+from miml_jax.tasks.copy_move import CopyMoveTask
 from miml_jax.tasks.pair_classification import PairClassificationTask
 from miml_jax.tasks.pair_segmentation import PairSegmentationTask
+from miml_jax.tasks.sdg_segmentation import SDGSegmentationTask
 from miml_jax.tasks.segmentation import SegmentationTask
 
 TASKS: dict[str, type[Task]] = {
   "segmentation": SegmentationTask,
   "pair_segmentation": PairSegmentationTask,
   "pair_classification": PairClassificationTask,
+  "sdg_segmentation": SDGSegmentationTask,
+  "copy_move": CopyMoveTask,
 }
 
 

@@ -113,8 +113,15 @@ class Task:
     raise NotImplementedError
 
   def project(self, params):
-    """Applied to the parameters after every optimiser update; the identity by default."""
-    return params
+    """Applied to the parameters after every optimiser update: the model's registered
+    projection (models.ModelSpec.project, e.g. ManTra-Net's constrained kernels), else the
+    identity."""
+    from miml_jax import models
+
+    model_config = self.config.get("model") or {}
+    spec = models.MODELS.get(model_config.get("name"))
+    projection = spec.project if spec is not None else None
+    return params if projection is None else projection(model_config, params)
 
   # ---- prediction -----------------------------------------------------------------------
   def predict_outputs(self, outputs: dict, inputs: dict) -> dict:

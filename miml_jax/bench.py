@@ -1,0 +1,617 @@
+"""`miml-jax bench`: train-step and inference throughput of the models, PyTorch side by side.
+
+For each model (ConvNeXt-T + UPerNet, ConvNeXt-B + UPerNet, APSC-Net), resolution (its standard
+one and a small one), dtype (float32, bfloat16) and mode (train: forward + backward + AdamW;
+infer: forward in eval mode) it times, on random inputs:
+
+* miml-jax: the flax modules of `miml_jax/models` under `jax.jit` (parameters and optimiser
+  state donated), `block_until_ready` after each call;
+* PyTorch eager and `torch.compile` of the restatements of the official modules in
+  `tests/torch_reference.py` (the ones the parity tests check the flax modules against), with
+  `torch.set_num_threads(--torch-threads)`.
+
+Rules of the measurement:
+
+* Warm-up (compilation; the first calls) is excluded and reported apart (`compile_s`).
+* The contenders run interleaved, rep by rep (jax, torch eager, torch.compile, jax, ...), in one
+  process, so that load from other processes on a shared machine hits all of them alike; the
+  ratios are per rep, then the median is taken. Median, min and max are reported.
+* The JSON records the machine (CPU, cores, CPU affinity, load average before and after),
+  library versions, thread settings and the depthwise-conv formulation in use.
+* FLOPs are XLA's cost analysis of the compiled program (so both sides are credited the same
+  FLOPs); achieved FLOP/s = FLOPs / median step time; MFU where the device's peak is known
+  (`miml_jax/mfu.py`). Peak memory: XLA's buffer assignment (arguments + outputs + temporaries)
+  for jax, `torch.cuda.max_memory_allocated` for torch on CUDA (none on CPU).
+
+It also times QES (`miml_jax/qes.py`) on device against NumPy on the same soft masks.
+
+torch is not a dependency of miml-jax: install the `bench` extra (`pip install ".[bench]"`) or
+pass `--torch none`. The torch reference modules are read from the checkout's `tests/` folder.
+"""
+
+import dataclasses
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from miml_jax.errors import UserInputError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REFERENCE_DIR = os.path.join(os.path.dirname(HERE), "tests")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+  """A benchmarked model: backbone dims / depths, head kind and width, sizes and batches."""
+
+  name: str
+  dims: tuple[int, ...]
+  depths: tuple[int, ...]
+  head: str  # 'upernet' or 'apsc'
+  channels: int
+  sizes: tuple[int, int]  # (standard, small)
+  train_batch: int
+  infer_batch: int
+
+
+MODELS = {
+  "convnext_t_upernet": ModelCase(
+    "convnext_t_upernet", (96, 192, 384, 768), (3, 3, 9, 3), "upernet", 256, (256, 128), 4, 4
+  ),
+  "convnext_b_upernet": ModelCase(
+    "convnext_b_upernet", (128, 256, 512, 1024), (3, 3, 27, 3), "upernet", 512, (512, 256), 1, 1
+  ),
+  "apsc_net": ModelCase(
+    "apsc_net", (128, 256, 512, 1024), (3, 3, 27, 3), "apsc", 512, (512, 256), 1, 1
+  ),
+  # Toy sizes, to check that the command runs (tests/test_bench.py).
+  "tiny_upernet": ModelCase(
+    "tiny_upernet", (8, 16, 24, 32), (1, 1, 1, 1), "upernet", 16, (64, 32), 2, 2
+  ),
+  "tiny_apsc": ModelCase("tiny_apsc", (8, 16, 24, 32), (1, 1, 1, 1), "apsc", 16, (64, 32), 2, 2),
+}
+NUM_CLASSES = 2
+
+
+def _apsc_head_config(case: ModelCase):
+  from miml_jax.models import apsc_net
+
+  if case.channels >= 512:
+    return apsc_net.APSCHeadConfig()  # the official head
+  c = case.channels
+  return apsc_net.APSCHeadConfig(
+    channels=c,
+    feat0_channels=c // 2,
+    c1_channels=c // 4,
+    aspp_dilations=(1, 2, 3),
+    kernel_size=5,
+    kernel_gen_size=16,
+    kernel_gen_dims=(4, 8),
+    image_head_dims=(c, c, c),
+  )
+
+
+# ---- miml-jax side ---------------------------------------------------------------------------
+
+
+def _flax_model(case: ModelCase, dtype):
+  import flax.linen as nn
+
+  from miml_jax.models import apsc_net, convnext, upernet
+
+  class Net(nn.Module):
+    """ConvNeXt (no drop path, like the torch reference) + UPerHead or APSCHead."""
+
+    @nn.compact
+    def __call__(self, x, train):
+      feats = convnext.ConvNeXt(
+        dims=case.dims,
+        depths=case.depths,
+        layer_scale_init_value=1.0,
+        dtype=dtype,
+        name="backbone",
+      )(x, train)
+      if case.head == "upernet":
+        # dropout=0: the torch reference UPerHead has no Dropout2d before conv_seg.
+        logits = upernet.UPerHead(
+          channels=case.channels,
+          num_classes=NUM_CLASSES,
+          dropout=0.0,
+          dtype=dtype,
+          name="decode_head",
+        )(feats, train)
+        return {"logits": logits, "aux": (), "image_logits": None}
+      return apsc_net.APSCHead(_apsc_head_config(case), dtype, name="decode_head")(feats, train)
+
+  return Net()
+
+
+def _jax_loss(out, labels, image_labels):
+  import jax
+  import jax.numpy as jnp
+
+  def ce(logits, y):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, y[..., None], axis=-1))
+
+  loss = ce(out["logits"], labels)
+  for a in out["aux"]:
+    loss = loss + 0.4 * ce(a, labels)
+  if out["image_logits"] is not None:
+    loss = loss + ce(out["image_logits"], image_labels)
+  return loss
+
+
+def _jax_contender(case, size, batch, dtype_name, mode):
+  """(compile_s, step function, info) of the flax model; step() runs one call to completion."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from miml_jax import mfu
+
+  dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+  model = _flax_model(case, dtype)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, NUM_CLASSES, (batch, size // 4, size // 4)), jnp.int32)
+  image_labels = jnp.asarray(rng.integers(0, NUM_CLASSES, (batch,)), jnp.int32)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+    {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, x
+  )
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  if mode == "train":
+    tx = optax.adamw(1e-4, weight_decay=0.05)
+    opt_state = tx.init(params)
+
+    # The inputs are arguments, not closure constants, which XLA would try to constant-fold.
+    def step(params, stats, opt_state, key, x, labels, image_labels):
+      def loss_fn(p):
+        out, new = model.apply(
+          {"params": p, "batch_stats": stats},
+          x,
+          train=True,
+          rngs={"dropout": key},
+          mutable=["batch_stats"],
+        )
+        return _jax_loss(out, labels, image_labels), new["batch_stats"]
+
+      (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), stats, opt_state, loss
+
+    state = [params, stats, opt_state, jax.random.PRNGKey(2)]
+    data = (x, labels, image_labels)
+    t = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, *data).compile()
+    compile_s = time.perf_counter() - t
+
+    def run():
+      state[0], state[1], state[2], loss = compiled(*state, *data)
+      jax.block_until_ready(loss)
+
+  else:
+
+    def infer(variables, x):
+      return model.apply(variables, x, train=False)["logits"]
+
+    frozen = {"params": params, "batch_stats": stats}
+    t = time.perf_counter()
+    compiled = jax.jit(infer).lower(frozen, x).compile()
+    compile_s = time.perf_counter() - t
+
+    def run():
+      jax.block_until_ready(compiled(frozen, x))
+
+  t = time.perf_counter()
+  run()  # the first call (allocations, thread pools) is warm-up too
+  compile_s += time.perf_counter() - t
+  info = {"flops": mfu.compiled_flops(compiled), "peak_memory_bytes": _xla_memory(compiled)}
+  info["peak_flops"] = mfu.peak_flops_per_device(jax.devices()[0])
+  return compile_s, run, info
+
+
+def _xla_memory(compiled) -> int | None:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # Not every backend implements it.
+    return None
+  if m is None:
+    return None
+  total = 0
+  for key in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):
+    total += int(getattr(m, key, 0) or 0)
+  return total - int(getattr(m, "alias_size_in_bytes", 0) or 0)
+
+
+# ---- PyTorch side ----------------------------------------------------------------------------
+
+
+def _torch_reference():
+  if REFERENCE_DIR not in sys.path:
+    sys.path.insert(0, REFERENCE_DIR)
+  try:
+    import torch_reference
+  except ImportError as e:
+    raise UserInputError(
+      f"--torch: needs torch (pip install '.[bench]') and the checkout's "
+      f"{os.path.join('tests', 'torch_reference.py')} ({e}); or pass --torch none"
+    ) from e
+  return torch_reference
+
+
+def _torch_model(case: ModelCase):
+  import torch
+
+  ref = _torch_reference()
+
+  class Net(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.backbone = ref.TConvNeXt(3, case.dims, case.depths)
+      if case.head == "upernet":
+        self.decode_head = ref.TUPerHead(case.dims, case.channels, (1, 2, 3, 6), NUM_CLASSES)
+      else:
+        h = _apsc_head_config(case)
+        self.decode_head = ref.TAPSCHead(
+          case.dims,
+          h.channels,
+          h.pool_scales,
+          h.feat0_channels,
+          h.c1_channels,
+          h.aspp_dilations,
+          h.kernel_size,
+          h.kernel_gen_size,
+          h.kernel_gen_dims,
+          h.image_head_dims,
+          passes=h.rectify_passes,
+        )
+
+    def forward(self, x):
+      feats = self.backbone(x)
+      if case.head == "upernet":
+        return self.decode_head(feats), [], None
+      return self.decode_head(feats)
+
+  return Net()
+
+
+def _torch_contender(case, size, batch, dtype_name, mode, compiled: bool, threads: int):
+  import torch
+  import torch.nn.functional as F
+
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  net = _torch_model(case)
+  g = torch.Generator().manual_seed(0)
+  x = torch.randn(batch, 3, size, size, generator=g)
+  labels = torch.randint(0, NUM_CLASSES, (batch, size // 4, size // 4), generator=g)
+  image_labels = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+  autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype_name == "bfloat16")
+  if mode == "train":
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.05)
+
+    def fwd_loss():
+      with autocast:
+        logits, aux, image_logits = net(x)
+      loss = F.cross_entropy(logits.float(), labels)
+      for a in aux:
+        loss = loss + 0.4 * F.cross_entropy(a.float(), labels)
+      if image_logits is not None:
+        loss = loss + F.cross_entropy(image_logits.float(), image_labels)
+      return loss
+
+    body = torch.compile(fwd_loss) if compiled else fwd_loss
+
+    def run():
+      opt.zero_grad(set_to_none=True)
+      body().backward()
+      opt.step()
+
+  else:
+    net.eval()
+
+    def fwd():
+      with torch.no_grad(), autocast:
+        return net(x)[0]
+
+    body = torch.compile(fwd) if compiled else fwd
+
+    def run():
+      body()
+
+  t = time.perf_counter()
+  run()
+  run()  # torch.compile may recompile on the second call (grad mode, guards)
+  compile_s = time.perf_counter() - t
+  return compile_s, run, {}
+
+
+# ---- the measurement -------------------------------------------------------------------------
+
+
+def _summary(times: list[float], batch: int) -> dict:
+  med = statistics.median(times)
+  return {
+    "step_s_median": med,
+    "step_s_min": min(times),
+    "step_s_max": max(times),
+    "spread": (max(times) - min(times)) / med if med else None,
+    "images_per_s": batch / med,
+    "reps": len(times),
+  }
+
+
+def measure(case, size, dtype_name, mode, *, reps, torch_modes, threads, log) -> dict:
+  """One row: jax and each torch mode at (case, size, dtype, mode), interleaved rep by rep."""
+  batch = case.train_batch if mode == "train" else case.infer_batch
+  row = {
+    "model": case.name,
+    "mode": mode,
+    "size": size,
+    "batch": batch,
+    "dtype": dtype_name,
+  }
+  contenders = {}
+  compile_s, run, info = _jax_contender(case, size, batch, dtype_name, mode)
+  contenders["jax"] = run
+  row["jax"] = {"compile_s": compile_s, **info}
+  for tm in torch_modes:
+    try:
+      c_s, t_run, _ = _torch_contender(
+        case, size, batch, dtype_name, mode, tm == "compile", threads
+      )
+    except Exception as e:  # torch.compile needs a working C++ toolchain; report why not.
+      row[f"torch_{tm}"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+      continue
+    contenders[f"torch_{tm}"] = t_run
+    row[f"torch_{tm}"] = {"compile_s": c_s}
+  times = {k: [] for k in contenders}
+  for rep in range(reps):
+    for k, fn in contenders.items():
+      t = time.perf_counter()
+      fn()
+      times[k].append(time.perf_counter() - t)
+    log(f"  rep {rep + 1}/{reps}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
+  for k, ts in times.items():
+    row[k].update(_summary(ts, batch))
+    row[k]["times_s"] = ts
+  flops = row["jax"].get("flops")
+  if flops:
+    for k in times:
+      row[k]["achieved_tflops"] = flops / row[k]["step_s_median"] / 1e12
+    peak = row["jax"].get("peak_flops")
+    row["jax"]["mfu"] = flops / row["jax"]["step_s_median"] / peak if peak else None
+  for k in times:
+    if k != "jax":
+      # Per rep (the interleaved pairs share the machine's load), then the median.
+      ratios = [t / j for t, j in zip(times[k], times["jax"])]
+      row[f"speedup_vs_{k}"] = {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+      }
+  return row
+
+
+def qes_benchmark(size: int, count: int, reps: int) -> dict:
+  """QES of `count` soft masks of size x size: jitted batch on device vs NumPy, same masks."""
+  import jax
+  import jax.numpy as jnp
+
+  from miml_jax import qes
+
+  rng = np.random.default_rng(0)
+  masks = rng.random((count, size, size), dtype=np.float32)
+  dev = jnp.asarray(masks)
+  fn = jax.jit(jax.vmap(qes.qes))
+  jax.block_until_ready(fn(dev))
+
+  def numpy_qes():
+    conf = (masks > qes.DEFAULT_HIGH).sum(axis=(1, 2))
+    region = (masks > qes.DEFAULT_LOW).sum(axis=(1, 2))
+    return conf / (region + qes.DEFAULT_EPS)
+
+  jt, nt = [], []
+  for _ in range(reps):
+    t = time.perf_counter()
+    got = jax.block_until_ready(fn(dev))
+    jt.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    ref = numpy_qes()
+    nt.append(time.perf_counter() - t)
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6)
+  return {
+    "masks": count,
+    "size": size,
+    "jax_s_median": statistics.median(jt),
+    "numpy_s_median": statistics.median(nt),
+    "speedup_vs_numpy": statistics.median(nt) / statistics.median(jt),
+  }
+
+
+def machine() -> dict:
+  import jax
+
+  from miml_jax.models import layers
+
+  def version(name):
+    try:
+      return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      return None
+
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
+  dev = jax.devices()[0]
+  return {
+    "cpu": cpu,
+    "cpu_count": os.cpu_count(),
+    "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "jax_backend": jax.default_backend(),
+    "device_kind": dev.device_kind,
+    "device_count": jax.device_count(),
+    "versions": {n: version(n) for n in ("jax", "jaxlib", "flax", "optax", "torch", "numpy")},
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "depthwise_impl": layers.depthwise_impl() if hasattr(layers, "depthwise_impl") else None,
+  }
+
+
+def _loadavg():
+  try:
+    return list(os.getloadavg())
+  except OSError:
+    return None
+
+
+def run(
+  models: list[str],
+  sizes: list[str],
+  dtypes: list[str],
+  modes: list[str],
+  reps: int,
+  torch_modes: list[str],
+  threads: int,
+  qes_masks: int,
+  log=print,
+) -> dict:
+  for m in models:
+    if m not in MODELS:
+      raise UserInputError(f"--models: unknown model {m!r}; choose from {sorted(MODELS)}")
+  for s in sizes:
+    if s not in ("standard", "small") and not s.isdigit():
+      raise UserInputError(f"--sizes: {s!r} is not standard, small or a number of pixels")
+  for d in dtypes:
+    if d not in ("float32", "bfloat16"):
+      raise UserInputError(f"--dtypes: {d!r} is not float32 or bfloat16")
+  for m in modes:
+    if m not in ("train", "infer"):
+      raise UserInputError(f"--modes: {m!r} is not train or infer")
+  for t in torch_modes:
+    if t not in ("eager", "compile"):
+      raise UserInputError(f"--torch: {t!r} is not eager, compile or none")
+  if reps < 1:
+    raise UserInputError(f"--reps: {reps} must be >= 1")
+  result: dict[str, Any] = {"machine": machine(), "load_before": _loadavg()}
+  result["torch_threads"] = threads if torch_modes else None
+  started = time.perf_counter()
+  rows = []
+  for name in models:
+    case = MODELS[name]
+    for s in sizes:
+      size = case.sizes[0] if s == "standard" else case.sizes[1] if s == "small" else int(s)
+      for dtype_name in dtypes:
+        for mode in modes:
+          log(
+            f"{name} {mode} {size}px {dtype_name} batch "
+            f"{case.train_batch if mode == 'train' else case.infer_batch}"
+          )
+          rows.append(
+            measure(
+              case,
+              size,
+              dtype_name,
+              mode,
+              reps=reps,
+              torch_modes=torch_modes,
+              threads=threads,
+              log=log,
+            )
+          )
+  result["rows"] = rows
+  if qes_masks:
+    result["qes"] = qes_benchmark(512, qes_masks, max(reps, 3))
+  result["load_after"] = _loadavg()
+  result["wall_s"] = time.perf_counter() - started
+  cpus = result["machine"]["cpu_count"] or 1
+  load = max((result["load_before"] or [0.0]) + (result["load_after"] or [0.0]))
+  result["contention"] = f"load average up to {load:.1f} on {cpus} CPUs" + (
+    " (shared machine: absolute times are noisy, the interleaved ratios less so)"
+    if load > 0.5 * cpus
+    else ""
+  )
+  return result
+
+
+def table(result: dict) -> str:
+  """The rows as a fixed-width text table."""
+  lines = [
+    f"{'model':<20}{'mode':<6}{'px':>5}{'b':>3} {'dtype':<9}{'jax img/s':>10}{'eager':>9}"
+    f"{'compile':>9}{'x eager':>9}{'x comp':>8}{'GFLOP':>8}{'TFLOP/s':>8}{'jit s':>7}"
+  ]
+  fmt = lambda v, spec: "-" if v is None else format(v, spec)
+  for r in result["rows"]:
+    j = r["jax"]
+    e = r.get("torch_eager", {})
+    c = r.get("torch_compile", {})
+    lines.append(
+      f"{r['model']:<20}{r['mode']:<6}{r['size']:>5}{r['batch']:>3} {r['dtype']:<9}"
+      f"{j['images_per_s']:>10.3f}{fmt(e.get('images_per_s'), '.3f'):>9}"
+      f"{fmt(c.get('images_per_s'), '.3f'):>9}"
+      f"{fmt(r.get('speedup_vs_torch_eager', {}).get('median'), '.2f'):>9}"
+      f"{fmt(r.get('speedup_vs_torch_compile', {}).get('median'), '.2f'):>8}"
+      f"{fmt(j['flops'] / 1e9 if j.get('flops') else None, '.1f'):>8}"
+      f"{fmt(j.get('achieved_tflops'), '.3f'):>8}{j['compile_s']:>7.1f}"
+    )
+  if "qes" in result:
+    q = result["qes"]
+    lines.append(
+      f"QES of {q['masks']} masks {q['size']}px: jax {q['jax_s_median'] * 1e3:.1f} ms, "
+      f"NumPy {q['numpy_s_median'] * 1e3:.1f} ms ({q['speedup_vs_numpy']:.1f}x)"
+    )
+  lines.append(result["contention"])
+  return "\n".join(lines)
+
+
+def write_json(result: dict, path: str):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2, default=float)
+
+
+# What `miml-jax bench` runs without --models / --sizes / ... (each flag overrides its entry).
+PRESETS = {
+  "full": dict(
+    models=["convnext_t_upernet", "convnext_b_upernet", "apsc_net"],
+    sizes=["standard", "small"],
+    dtypes=["float32", "bfloat16"],
+    modes=["train", "infer"],
+    torch=["eager", "compile"],
+    reps=5,
+    qes_masks=64,
+  ),
+  "quick": dict(
+    models=["convnext_t_upernet", "convnext_b_upernet", "apsc_net"],
+    sizes=["small"],
+    dtypes=["float32"],
+    modes=["train", "infer"],
+    torch=["eager", "compile"],
+    reps=3,
+    qes_masks=16,
+  ),
+  "tiny": dict(
+    models=["tiny_upernet", "tiny_apsc"],
+    sizes=["small"],
+    dtypes=["float32"],
+    modes=["train", "infer"],
+    torch=["eager"],
+    reps=1,
+    qes_masks=2,
+  ),
+}

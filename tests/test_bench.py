@@ -1,0 +1,218 @@
+"""The fast depthwise conv equals the library conv; `miml-jax bench` runs and writes its JSON.
+
+`layers.depthwise_conv2d` has two formulations (shifted multiply-adds with a custom VJP, the
+CPU default; `lax.conv_general_dilated`, the GPU / TPU default). Both must give the same values
+and gradients (w.r.t. input and kernel) on odd sizes, with dilation and the paddings the models
+use, to 1e-5 relative to the largest value. No timing is asserted anywhere: only that the
+benchmark runs at toy sizes and its JSON holds what it promises.
+"""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from miml_jax import cli
+from miml_jax.errors import UserInputError
+from miml_jax.models import layers
+
+# (batch, height, width, channels, kernel, dilation, padding): ConvNeXt's 7x7 pad 3, VAN's 5x5
+# pad 2 and 7x7 dilation 3 pad 9, the MLP's 3x3 pad 1, an ASPP-like dilation larger than the
+# map, no padding, and asymmetric padding.
+CASES = [
+  (2, 9, 11, 5, 7, 1, ((3, 3), (3, 3))),
+  (2, 8, 7, 4, 5, 1, ((2, 2), (2, 2))),
+  (1, 13, 10, 6, 7, 3, ((9, 9), (9, 9))),
+  (2, 7, 9, 3, 3, 1, ((1, 1), (1, 1))),
+  (1, 5, 6, 3, 3, 6, ((6, 6), (6, 6))),
+  (1, 6, 5, 4, 3, 1, ((0, 0), (0, 0))),
+  (1, 5, 6, 3, 3, 1, ((2, 0), (0, 1))),
+]
+
+
+def _close(name, got, ref):
+  got, ref = np.asarray(got), np.asarray(ref)
+  assert got.shape == ref.shape, (name, got.shape, ref.shape)
+  scale = float(np.max(np.abs(ref)))
+  assert scale > 0, name
+  err = float(np.max(np.abs(got - ref))) / scale
+  assert err < 1e-5, f"{name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}x{c[2]}k{c[4]}d{c[5]}")
+def test_shift_depthwise_equals_lax_conv(case):
+  b, h, w, c, k, d, padding = case
+  rng = np.random.default_rng(k * 10 + d)
+  x = jnp.asarray(rng.normal(size=(b, h, w, c)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, 1, c)), jnp.float32)
+
+  def conv(impl):
+    return lambda x, kernel: layers.depthwise_conv2d(x, kernel, padding, d, impl)
+
+  with jax.default_matmul_precision("highest"):
+    ref = conv("lax")(x, kernel)
+    got = jax.jit(conv("shift"))(x, kernel)
+    _close("value", got, ref)
+    cot = jnp.asarray(rng.normal(size=ref.shape), jnp.float32)
+
+    def grads(impl):
+      return jax.grad(lambda x, kernel: jnp.sum(conv(impl)(x, kernel) * cot), (0, 1))
+
+    ref_dx, ref_dk = grads("lax")(x, kernel)
+    dx, dk = jax.jit(grads("shift"))(x, kernel)
+  _close("d/dx", dx, ref_dx)
+  _close("d/dkernel", dk, ref_dk)
+
+
+@pytest.mark.parametrize(
+  "kernel, dilation, padding",
+  [(3, 1, ((1, 1), (1, 1))), (3, 2, ((2, 2), (2, 2))), (5, 1, ((0, 1), (2, 0)))],
+)
+def test_tap_conv_equals_lax_conv(kernel, dilation, padding):
+  """`conv2d_taps` (the CPU form of stride-1 dense convs): values and both gradients."""
+  rng = np.random.default_rng(kernel + dilation)
+  x = jnp.asarray(rng.normal(size=(2, 9, 7, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 5, 4)), jnp.float32)
+
+  def lax_conv(x, w):
+    return jax.lax.conv_general_dilated(
+      x,
+      w,
+      (1, 1),
+      padding,
+      rhs_dilation=(dilation, dilation),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+  taps = lambda x, w: layers.conv2d_taps(x, w, padding, dilation)
+  with jax.default_matmul_precision("highest"):
+    ref = lax_conv(x, w)
+    _close("value", jax.jit(taps)(x, w), ref)
+    cot = jnp.asarray(rng.normal(size=ref.shape), jnp.float32)
+    grads = lambda f: jax.grad(lambda x, w: jnp.sum(f(x, w) * cot), (0, 1))
+    ref_dx, ref_dw = grads(lax_conv)(x, w)
+    dx, dw = jax.jit(grads(taps))(x, w)
+  _close("d/dx", dx, ref_dx)
+  _close("d/dkernel", dw, ref_dw)
+
+
+def test_kernel_gradient_over_several_row_blocks(monkeypatch):
+  """The kernel gradient loops over blocks of rows; a height that is not a whole number of
+  blocks (zero rows pad the last) gives the same sums."""
+  monkeypatch.setattr(layers, "_DW_BLOCK_BYTES", 3 * 7 * 4 * 4)  # 3 rows of 7 x 4 floats
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 10, 7, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32)
+  pad = ((1, 1), (1, 1))
+  loss = lambda impl: lambda k: jnp.sum(jnp.sin(layers.depthwise_conv2d(x, k, pad, 1, impl)))
+  _close("d/dkernel", jax.grad(loss("shift"))(kernel), jax.grad(loss("lax"))(kernel))
+
+
+@pytest.mark.parametrize("groups, features", [(6, 6), (1, 4)])
+def test_conv_modules_keep_the_nn_conv_variables(groups, features):
+  """`conv2d` returns a DepthwiseConv2d for depthwise convs and a TapConv2d for dense ones:
+  the same tree and initial values as the nn.Conv they stand for, and the same outputs."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 8, 6))
+  module_type = layers.DepthwiseConv2d if groups > 1 else layers.TapConv2d
+
+  class Old(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(
+        features,
+        (7, 7),
+        padding=((3, 3), (3, 3)),
+        feature_group_count=groups,
+        kernel_init=layers.torch_default_kernel_init,
+        bias_init=layers.torch_default_bias_init(6 // groups * 7 * 7),
+        name="conv",
+      )(x)
+
+  class New(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      conv = layers.conv2d(features, 7, in_features=6, padding=3, groups=groups, name="conv")
+      assert isinstance(conv, module_type)
+      return conv(x)
+
+  old = Old().init(jax.random.PRNGKey(0), x)
+  new = New().init(jax.random.PRNGKey(0), x)
+  assert jax.tree_util.tree_structure(old) == jax.tree_util.tree_structure(new)
+  for a, b in zip(jax.tree_util.tree_leaves(old), jax.tree_util.tree_leaves(new)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(Old().apply(old, x), New().apply(new, x), rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_impl_choice(monkeypatch):
+  monkeypatch.setenv(layers.DEPTHWISE_ENV, "lax")
+  assert layers.depthwise_impl() == "lax"
+  assert layers.depthwise_impl("shift") == "shift"
+  monkeypatch.setenv(layers.DEPTHWISE_ENV, "")
+  assert layers.depthwise_impl() == ("shift" if jax.default_backend() == "cpu" else "lax")
+  monkeypatch.setenv(layers.DEPTHWISE_ENV, "fast")
+  with pytest.raises(UserInputError, match="MIML_JAX_DEPTHWISE"):
+    layers.depthwise_impl()
+
+
+@pytest.mark.slow
+def test_bench_command_writes_json(tmp_path, capsys):
+  pytest.importorskip("torch")
+  out = tmp_path / "bench.json"
+  code = cli.main(
+    ["bench", "--tiny", "--models", "tiny_upernet", "--modes", "train,infer", "--out", str(out)]
+  )
+  assert code == 0
+  result = json.loads(out.read_text())
+  assert result["machine"]["versions"]["jax"] == jax.__version__
+  assert result["machine"]["depthwise_impl"] in ("shift", "lax")
+  assert result["command"].startswith("miml-jax bench --tiny")
+  assert [(r["model"], r["mode"]) for r in result["rows"]] == [
+    ("tiny_upernet", "train"),
+    ("tiny_upernet", "infer"),
+  ]
+  for row in result["rows"]:
+    for side in ("jax", "torch_eager"):
+      assert row[side]["reps"] == 1
+      assert row[side]["images_per_s"] > 0
+      assert row[side]["step_s_min"] <= row[side]["step_s_median"] <= row[side]["step_s_max"]
+    assert row["jax"]["flops"] > 0
+    assert row["speedup_vs_torch_eager"]["median"] > 0
+  assert result["qes"]["speedup_vs_numpy"] > 0
+  assert "tiny_upernet" in capsys.readouterr().out
+
+
+def test_bench_rejects_bad_arguments(capsys):
+  assert cli.main(["bench", "--tiny", "--models", "resnet"]) == cli.EXIT_USER_ERROR
+  assert "--models: unknown model 'resnet'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+  "in_hw, size, align_corners, scale_factor",
+  [((5, 7), (12, 9), False, None), ((8, 8), (3, 5), True, None), ((9, 7), None, False, 0.5)],
+)
+def test_resize_gradient_is_the_gathers_transpose(in_hw, size, align_corners, scale_factor):
+  """resize_bilinear's custom backward (transposed interpolation matrix) equals autodiff of
+  its gathers (a scatter-add)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, *in_hw, 3)), jnp.float32)
+  out = layers.resize_bilinear(x, size, align_corners, scale_factor)
+
+  def gathers(x):
+    for axis, n in ((1, out.shape[1]), (2, out.shape[2])):
+      i0, i1, w1 = layers._linear_taps(x.shape[axis], n, align_corners, scale_factor)
+      shape = [1, 1, 1, 1]
+      shape[axis] = n
+      w = jnp.asarray(w1.reshape(shape))
+      x = jnp.take(x, i0, axis=axis) * (1 - w) + jnp.take(x, i1, axis=axis) * w
+    return x
+
+  cot = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+  np.testing.assert_array_equal(out, gathers(x))
+  ref = jax.grad(lambda x: jnp.sum(gathers(x) * cot))(x)
+  got = jax.jit(
+    jax.grad(lambda x: jnp.sum(layers.resize_bilinear(x, size, align_corners, scale_factor) * cot))
+  )(x)
+  _close("d/dx", got, ref)
