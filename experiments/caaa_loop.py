@@ -71,8 +71,9 @@ SIZES = {False: dict(classifier=128, spg=128, sdg=64), True: dict(classifier=64,
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  # No stage: the loop's product, the single-image model.
-  stage, _, variant = (arg or "web_iml").partition(",")
+  # No stage: the loop's product, the single-image model (':tiny': its tiny twin).
+  arg = {"": "web_iml", "tiny": "web_iml,tiny"}.get(arg or "", arg)
+  stage, _, variant = arg.partition(",")
   if stage not in STAGES or variant not in ("", "tiny"):
     raise ValueError(
       f"experiments/caaa_loop.py: unknown variant {arg!r} (have: {', '.join(STAGES)}, each "
