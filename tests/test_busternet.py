@@ -19,7 +19,8 @@ from miml_jax.errors import UserInputError
 from miml_jax.input import instance_forgery
 from miml_jax.models import busternet as bn
 from miml_jax.tasks import copy_move
-from test_instance_forgery import ellipse, noise, polygon, write_coco
+from test_instance_forgery import ellipse, noise
+from test_tasks import coco_root  # noqa: F401 (a fixture)
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "busternet.py")
 
@@ -444,43 +445,7 @@ def test_copy_move_forgeries_carry_their_source():
     assert forgery.mask.any() and set(np.unique(forgery.source_mask)) <= {0, 255}
 
 
-@pytest.fixture(scope="module")
-def coco_root(tmp_path_factory):
-  """Four 96x96 noise photos (two train, two val), each with two large objects."""
-  root = tmp_path_factory.mktemp("coco") / "coco"
-  (root / "images").mkdir(parents=True)
-  images, annotations = [], []
-  from miml_jax.input import coco
-
-  for k in range(4):
-    io.write_image(str(root / "images" / f"{k}.png"), noise(96, 96, 30 + k, 40, 200))
-    images.append(
-      {
-        "id": k,
-        "file_name": f"{k}.png",
-        "height": 96,
-        "width": 96,
-        "split": "train2017" if k < 2 else "val2017",
-      }
-    )
-    runs = coco.mask_to_runs(ellipse(96, 96, (62 - 3 * k, 62), (16, 13), 20 * k)).tolist()
-    for number, segmentation in enumerate(
-      [[polygon(6 + 2 * k, 6, 30, 28)], {"size": [96, 96], "counts": runs}]
-    ):
-      annotations.append(
-        {
-          "id": 10 * k + number,
-          "image_id": k,
-          "category_id": 1,
-          "iscrowd": 0,
-          "segmentation": segmentation,
-        }
-      )
-  write_coco(root, images, annotations)
-  return root
-
-
-def test_coco_copymove_samples_have_both_regions(coco_root):
+def test_coco_copymove_samples_have_both_regions(coco_root):  # noqa: F811
   from miml_jax.input import sources
 
   source = sources.make_source(f"coco_copymove:{coco_root}", "train", image_size=64)
@@ -505,7 +470,7 @@ def test_real_coco_copymoves_have_sources(shared_data):
 
 
 # ---- end to end ---------------------------------------------------------------------------
-def test_tiny_busternet_trains_both_stages_evaluates_and_predicts(coco_root, tmp_path, capsys):
+def test_tiny_busternet_trains_both_stages_evaluates_and_predicts(coco_root, tmp_path, capsys):  # noqa: F811
   data = [
     f"--config.data.train=coco_copymove:{coco_root}",
     f"--config.data.validation=coco_copymove:{coco_root}",

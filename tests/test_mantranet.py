@@ -17,7 +17,8 @@ from miml_jax import cli, io, models
 from miml_jax.errors import UserInputError
 from miml_jax.input import sources, transforms
 from miml_jax.models import convert, keras_h5, mantranet
-from test_instance_forgery import ellipse, noise, polygon, write_coco
+from test_instance_forgery import noise
+from test_tasks import coco_root  # noqa: F401 (a fixture)
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
 TINY = os.path.join(EXPERIMENTS, "mantranet.py:tiny")
@@ -387,31 +388,8 @@ def test_tiny_evaluates_and_predicts_any_size(tiny_run, tmp_path, capsys):
   assert io.read_image(record["files"]["heatmap"]).shape[:2] == (37, 45)
 
 
-def test_coco_edit_is_the_forged_image_of_coco_spg(tmp_path):
-  root = tmp_path / "coco"
-  (root / "images").mkdir(parents=True)
-  images, annotations = [], []
-  for k in range(3):
-    io.write_image(str(root / "images" / f"{k}.png"), noise(64, 64, 30 + k, 40, 200))
-    images.append({"id": k, "file_name": f"{k}.png", "height": 64, "width": 64})
-    for number, poly in enumerate([polygon(6, 6, 30, 28), None]):
-      if poly is None:
-        from miml_jax.input import coco
-
-        runs = coco.mask_to_runs(ellipse(64, 64, (44, 40), (12, 10), 10 * k)).tolist()
-        segmentation = {"size": [64, 64], "counts": runs}
-      else:
-        segmentation = [poly]
-      annotations.append(
-        {
-          "id": 10 * k + number,
-          "image_id": k,
-          "category_id": 1,
-          "iscrowd": 0,
-          "segmentation": segmentation,
-        }
-      )
-  write_coco(root, images, annotations)
+def test_coco_edit_is_the_forged_image_of_coco_spg(coco_root):  # noqa: F811
+  root = coco_root
   pairs = sources.make_source(f"coco_spg:{root}", "train", image_size=48)
   single = sources.make_source(f"coco_edit:{root}", "train", image_size=48)
   assert len(single) == len(pairs) == 3

@@ -25,8 +25,8 @@ from miml_jax.input import instance_forgery, sdg
 from miml_jax.models import convert, naming
 from miml_jax.models.correlation import CorrelationPooling, correlation_volume
 from miml_jax.tasks import sdg_segmentation
-from test_instance_forgery import ellipse, noise, polygon, write_coco
-from test_tasks import run
+from test_instance_forgery import noise
+from test_tasks import coco_root, run  # noqa: F401 (coco_root: a fixture)
 
 torch = pytest.importorskip("torch")
 import torch.nn as tnn  # noqa: E402
@@ -429,38 +429,7 @@ def test_coco_sdg_pastes_donor_pixels_under_both_masks(shared_data, flip):
 
 # ---- the task through the CLI -----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def coco_root(tmp_path_factory):
-  """Five 96x96 noise photos with split fields (three train, two val), two objects each (a
-  box and an ellipse, each a few hundred pixels: pasteable into a 64 x 64 crop)."""
-  from miml_jax import io
-  from miml_jax.input import coco
-
-  root = tmp_path_factory.mktemp("coco") / "coco"
-  (root / "images").mkdir(parents=True)
-  images, annotations = [], []
-  for k in range(5):
-    io.write_image(str(root / "images" / f"{k}.png"), noise(96, 96, 20 + k, 40, 200))
-    split = "train2017" if k < 3 else "val2017"
-    images.append({"id": k, "file_name": f"{k}.png", "height": 96, "width": 96, "split": split})
-    runs = coco.mask_to_runs(ellipse(96, 96, (60 - 3 * k, 60), (14, 11), 25 * k)).tolist()
-    for number, segmentation in enumerate(
-      [[polygon(8 + 2 * k, 8, 30, 28)], {"size": [96, 96], "counts": runs}]
-    ):
-      annotations.append(
-        {
-          "id": 10 * k + number,
-          "image_id": k,
-          "category_id": 1,
-          "iscrowd": 0,
-          "segmentation": segmentation,
-        }
-      )
-  write_coco(root, images, annotations)
-  return root
-
-
-@pytest.fixture(scope="module")
-def sdg_run(coco_root, tmp_path_factory):
+def sdg_run(coco_root, tmp_path_factory):  # noqa: F811
   workdir = tmp_path_factory.mktemp("sdg") / "w"
   code = cli.main(
     [
@@ -483,7 +452,7 @@ def sdg_run(coco_root, tmp_path_factory):
 
 def test_sdg_task_trains_checkpoints_resumes_and_evaluates(
   sdg_run,
-  coco_root,
+  coco_root,  # noqa: F811
   tmp_path,
   capsys,
 ):
