@@ -32,6 +32,7 @@ torch = pytest.importorskip("torch")
 import torch.nn as tnn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from test_parity import randomize_  # noqa: E402
 from torch_reference import (  # noqa: E402
   TPPM,
   TConvModule,
@@ -240,29 +241,6 @@ def _torch_sacm(cfg):
   )
 
 
-@torch.no_grad()
-def _randomize(model, *inputs):
-  """Calibrated, then perturbed BN statistics; random norm affines and layer scales."""
-  g = torch.Generator().manual_seed(0)
-  bns = [m for m in model.modules() if isinstance(m, tnn.BatchNorm2d)]
-  for bn in bns:
-    bn.reset_running_stats()
-    bn.momentum = None
-  model.train()
-  model(*inputs)
-  for bn in bns:
-    n = bn.num_features
-    bn.running_mean.add_(0.1 * torch.randn(n, generator=g))
-    bn.running_var.clamp_(min=1e-2).mul_(torch.empty(n).uniform_(0.7, 1.4, generator=g))
-    bn.weight.uniform_(0.5, 1.5, generator=g)
-    bn.bias.normal_(0.0, 0.2, generator=g)
-  for name, p in model.named_parameters():
-    if name.endswith("gamma"):
-      p.uniform_(-1.0, 1.0, generator=g)
-  model.eval()
-  return model
-
-
 def _state_dict(module):
   return {k: v.detach().numpy() for k, v in module.state_dict().items()}
 
@@ -277,7 +255,7 @@ def test_sacm_matches_the_official_model_in_pytorch():
   f = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
   ta, tf = (torch.from_numpy(x.transpose(0, 3, 1, 2).copy()) for x in (a, f))
   torch.manual_seed(3)
-  tmodel = _randomize(_torch_sacm(SMALL), ta, tf)
+  tmodel = randomize_(_torch_sacm(SMALL), ta, tf)
   model = models.build_model(SMALL)
   target = models.abstract_variables(model, _config())
   variables, report = convert.state_dict_to_variables(_state_dict(tmodel), target, strict=True)

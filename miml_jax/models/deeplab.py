@@ -78,27 +78,46 @@ class DepthwiseSeparableASPPHead(nn.Module):
 
   @nn.compact
   def __call__(self, c1: Array, x: Array, train: bool) -> tuple[Array, Array]:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    pooled = layers.adaptive_avg_pool(x, 1)
-    pooled = layers.ConvModule(self.channels, 1, name="image_pool_1", **kw)(pooled, train)
-    outs = [layers.resize_bilinear(pooled, x.shape[1:3], align_corners=False)]
-    for i, d in enumerate(self.dilations):
-      if d == 1:
-        branch = layers.ConvModule(self.channels, 1, name=f"aspp_modules_{i}", **kw)
-      else:
-        branch = layers.DepthwiseSeparableConvModule(
-          self.channels, 3, dilation=d, padding=d, name=f"aspp_modules_{i}", **kw
-        )
-      outs.append(branch(x, train))
-    y = layers.ConvModule(self.channels, 3, padding=1, name="bottleneck", **kw)(
-      jnp.concatenate(outs, axis=-1), train
+    out, y = sep_aspp_decoder(
+      c1, x, train, self.channels, self.dilations, self.c1_channels, self.dtype, self.param_dtype
     )
-    c1 = layers.ConvModule(self.c1_channels, 1, name="c1_bottleneck", **kw)(c1, train)
-    out = layers.resize_bilinear(y, c1.shape[1:3], align_corners=False)
-    out = jnp.concatenate([out, c1], axis=-1)
-    for j in range(2):
-      out = layers.DepthwiseSeparableConvModule(
-        self.channels, 3, padding=1, name=f"sep_bottleneck_{j}", **kw
-      )(out, train)
     logits = cls_seg(out, self.num_classes, self.dropout, train, self.dtype, self.param_dtype)
     return logits, y
+
+
+def sep_aspp_decoder(
+  c1: Array,
+  x: Array,
+  train: bool,
+  channels: int,
+  dilations: Sequence[int],
+  c1_channels: int,
+  dtype: Dtype,
+  param_dtype: Dtype,
+) -> tuple[Array, Array]:
+  """DepthwiseSeparableASPPHead's body up to its classifier: (decoder features at c1's size,
+  the ASPP bottleneck output). Call it inside a compact module: its layers (`image_pool_1`,
+  `aspp_modules_*`, `bottleneck`, `c1_bottleneck`, `sep_bottleneck_*`) become that module's
+  children, so a head with another classifier (SACM's) keeps the official names."""
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+  pooled = layers.adaptive_avg_pool(x, 1)
+  pooled = layers.ConvModule(channels, 1, name="image_pool_1", **kw)(pooled, train)
+  outs = [layers.resize_bilinear(pooled, x.shape[1:3], align_corners=False)]
+  for i, d in enumerate(dilations):
+    if d == 1:
+      branch = layers.ConvModule(channels, 1, name=f"aspp_modules_{i}", **kw)
+    else:
+      branch = layers.DepthwiseSeparableConvModule(
+        channels, 3, dilation=d, padding=d, name=f"aspp_modules_{i}", **kw
+      )
+    outs.append(branch(x, train))
+  y = layers.ConvModule(channels, 3, padding=1, name="bottleneck", **kw)(
+    jnp.concatenate(outs, axis=-1), train
+  )
+  c1 = layers.ConvModule(c1_channels, 1, name="c1_bottleneck", **kw)(c1, train)
+  out = jnp.concatenate([layers.resize_bilinear(y, c1.shape[1:3], align_corners=False), c1], -1)
+  for j in range(2):
+    out = layers.DepthwiseSeparableConvModule(
+      channels, 3, padding=1, name=f"sep_bottleneck_{j}", **kw
+    )(out, train)
+  return out, y

@@ -68,7 +68,7 @@ from miml_jax.errors import UserInputError
 from miml_jax.models import convnext, fcn, layers, upernet
 from miml_jax.models.common import as_dict, resolve_dtype
 from miml_jax.models.correlation import CorrelationPooling, correlation_volume
-from miml_jax.models.deeplab import cls_seg
+from miml_jax.models.deeplab import cls_seg, sep_aspp_decoder
 
 Array = jax.Array
 Dtype = Any
@@ -196,8 +196,8 @@ class SACMDeepLabHead(nn.Module):
   SACM's upsampling classifier `conv_seg_{1,2,5,6,9}` in place of the 1x1 `conv_seg` (the
   indices of the official Sequential). Returns logits at 8x c1's size.
 
-  It restates deeplab.DepthwiseSeparableASPPHead's body (that module fixes its classifier to
-  one 1x1 conv) because the parameter names must sit in this module's own scope.
+  The body is deeplab.sep_aspp_decoder, called in this module's scope, so the parameter names
+  are the official ones.
   """
 
   channels: int = 512
@@ -211,27 +211,9 @@ class SACMDeepLabHead(nn.Module):
   @nn.compact
   def __call__(self, c1: Array, x: Array, train: bool) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    pooled = layers.ConvModule(self.channels, 1, name="image_pool_1", **kw)(
-      layers.adaptive_avg_pool(x, 1), train
+    out, _ = sep_aspp_decoder(
+      c1, x, train, self.channels, self.dilations, self.c1_channels, self.dtype, self.param_dtype
     )
-    outs = [layers.resize_bilinear(pooled, x.shape[1:3], align_corners=False)]
-    for i, d in enumerate(self.dilations):
-      if d == 1:
-        branch = layers.ConvModule(self.channels, 1, name=f"aspp_modules_{i}", **kw)
-      else:
-        branch = layers.DepthwiseSeparableConvModule(
-          self.channels, 3, dilation=d, padding=d, name=f"aspp_modules_{i}", **kw
-        )
-      outs.append(branch(x, train))
-    y = layers.ConvModule(self.channels, 3, padding=1, name="bottleneck", **kw)(
-      jnp.concatenate(outs, axis=-1), train
-    )
-    c1 = layers.ConvModule(self.c1_channels, 1, name="c1_bottleneck", **kw)(c1, train)
-    out = jnp.concatenate([layers.resize_bilinear(y, c1.shape[1:3], align_corners=False), c1], -1)
-    for j in range(2):
-      out = layers.DepthwiseSeparableConvModule(
-        self.channels, 3, padding=1, name=f"sep_bottleneck_{j}", **kw
-      )(out, train)
     if self.dropout > 0:
       out = nn.Dropout(self.dropout, broadcast_dims=(1, 2))(out, deterministic=not train)
     # The official Sequential: [0] up, [1] conv, [2] BN, [3] ReLU, [4] up, [5] conv, [6] BN,
