@@ -4,10 +4,15 @@ model (Web-IML, APSC-Net, or any model this library trains) thinks was manipulat
     miml-jax demo --model webiml=workdirs/quickstart --model apsc=W/best [--port 7860]
 
 The page shows, one column per model side by side: the heatmap, the overlay on the image, the
-binary mask at the threshold of a slider (with a PNG download of it) and, for models with an
-image head, the image-level score. Moving the slider re-thresholds the probability maps cached
-for the upload: it never runs a model again. Uploads that are not images, are truncated, or have
-more than --max-pixels pixels get a message in the page instead of results.
+task's own pictures of its prediction (BusterNet's source / target map), the binary mask at the
+threshold of a slider (with a PNG download of it) and, for models with an image head, the
+image-level score. Baselines sit beside Web-IML as any other model:
+
+    miml-jax demo --model webiml=W1 --model mantranet=W2 --model busternet=W3
+
+Moving the slider re-thresholds the probability maps cached for the upload: it never runs a
+model again. Uploads that are not images, are truncated, or have more than --max-pixels pixels
+get a message in the page instead of results.
 
 Why Gradio rather than Streamlit:
 - models loaded once, in the CLI process: a Gradio app is a Python object whose callbacks close
@@ -55,14 +60,14 @@ class DemoModel:
 
 @dataclasses.dataclass(frozen=True)
 class Upload:
-  """A decoded upload and every model's (probability map, image score or nan) for it.
+  """A decoded upload and every model's (probability map, image score or nan, pictures).
 
   This is the per-upload cache the threshold slider works from.
   """
 
   name: str
   image: np.ndarray
-  results: list[tuple[np.ndarray, float]]
+  results: list[tuple[np.ndarray, float, list[np.ndarray]]]
   directory: str  # where this upload's mask downloads are written
 
 
@@ -186,13 +191,15 @@ def _check_pixels(name: str, width: int, height: int, max_pixels: int):
 
 def run_models(
   models: list[DemoModel], image: np.ndarray, name: str, is_jpeg: bool = False
-) -> list[tuple[np.ndarray, float]]:
-  """Each model's (probability map (H, W) float32, image score or nan) for one image."""
+) -> list[tuple[np.ndarray, float, list[np.ndarray]]]:
+  """Each model's (probability map (H, W) float32, image score or nan, the task's pictures of
+  the prediction: one uint8 RGB image per `task.picture_names`) for one image."""
   sample = {"image": image, "id": name, "is_jpeg": is_jpeg}
   results = []
   for model in models:
     ((_, prediction),) = list(model.predictor.predict([sample]))
-    results.append((prediction["prob"], prediction["image_score"]))
+    pictures = model.predictor.task.prediction_pictures(prediction)
+    results.append((prediction["prob"], prediction["image_score"], pictures))
   return results
 
 
@@ -229,10 +236,12 @@ def build_app(
   """The Gradio Blocks of the page; its callbacks use the already loaded `models`."""
   gr = require_gradio()
   work_dir = work_dir or tempfile.mkdtemp(prefix="miml_jax_demo_")
-  per_model = 5  # heatmap, overlay, mask, download, score text
+  picture_names = [model.predictor.task.picture_names for model in models]
+  # Per model: heatmap, overlay, the task's pictures, mask, download, score text.
+  num_outputs = sum(5 + len(names) for names in picture_names)
 
   def empty_outputs():
-    return [None] * (per_model * len(models))
+    return [None] * num_outputs
 
   def on_upload(path, threshold):
     try:
@@ -247,11 +256,12 @@ def build_app(
       directory=tempfile.mkdtemp(prefix=uuid.uuid4().hex[:8], dir=work_dir),
     )
     outputs = []
-    for model, (prob, image_prob) in zip(models, results):
+    for model, (prob, image_prob, pictures) in zip(models, results):
       mask = binary_mask(prob, threshold)
       outputs += [
         visualize.heatmap(prob),
         visualize.overlay(image, prob),
+        *pictures,
         mask,
         gr.DownloadButton(value=write_mask(upload, model.name, mask, threshold), interactive=True),
         describe_score(image_prob, mask, threshold),
@@ -263,7 +273,7 @@ def build_app(
     if upload is None:  # Nothing uploaded yet (or the last upload was refused).
       return [gr.skip()] * (3 * len(models))
     outputs = []
-    for model, (prob, image_prob) in zip(models, upload.results):
+    for model, (prob, image_prob, _) in zip(models, upload.results):
       mask = binary_mask(prob, threshold)
       outputs += [
         mask,
@@ -316,6 +326,16 @@ def build_app(
             height=IMAGE_HEIGHT,
             elem_id=f"demo-overlay-{index}",
           )
+          pictures = [
+            gr.Image(
+              label=picture_name,
+              format="png",
+              interactive=False,
+              height=IMAGE_HEIGHT,
+              elem_id=f"demo-picture-{index}-{picture_index}",
+            )
+            for picture_index, picture_name in enumerate(picture_names[index])
+          ]
           mask = gr.Image(
             label="mask",
             format="png",
@@ -326,7 +346,7 @@ def build_app(
           download = gr.DownloadButton(
             "download mask (PNG)", interactive=False, elem_id=f"demo-download-{index}"
           )
-          per_model_outputs += [heatmap, overlay, mask, download, score]
+          per_model_outputs += [heatmap, overlay, *pictures, mask, download, score]
           threshold_outputs += [mask, download, score]
     upload_box.upload(
       on_upload, inputs=[upload_box, slider], outputs=[status, state, shown] + per_model_outputs

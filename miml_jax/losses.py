@@ -54,8 +54,15 @@ def dice_loss(logits, labels, smooth: float = 1.0):
   ignored: predicting all-authentic scores the maximum loss.
   """
   valid = labels != IGNORE_LABEL
-  prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1] * valid
-  target = (labels == 1).astype(jnp.float32)
+  prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]
+  return soft_dice_loss(prob, labels == 1, valid, smooth)
+
+
+def soft_dice_loss(prob, target, valid, smooth: float = 1.0):
+  """1 - soft Dice of a probability map against a binary target over the `valid` pixels,
+  pooled over the whole batch (see `dice_loss`)."""
+  prob = prob * valid
+  target = (target & valid).astype(jnp.float32)
   intersection = jnp.sum(prob * target)
   return 1.0 - (2.0 * intersection + smooth) / (jnp.sum(prob) + jnp.sum(target) + smooth)
 

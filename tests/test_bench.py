@@ -69,10 +69,16 @@ def test_shift_depthwise_equals_lax_conv(case):
 
 @pytest.mark.parametrize(
   "kernel, dilation, padding",
-  [(3, 1, ((1, 1), (1, 1))), (3, 2, ((2, 2), (2, 2))), (5, 1, ((0, 1), (2, 0)))],
+  [
+    (3, 1, ((1, 1), (1, 1))),
+    (3, 2, ((2, 2), (2, 2))),
+    (5, 1, ((0, 1), (2, 0))),
+    (3, 1, ((3, 0), (0, 3))),  # more padding than the kernel reaches: the gradient crops
+  ],
 )
 def test_tap_conv_equals_lax_conv(kernel, dilation, padding):
-  """`conv2d_taps` (the CPU form of stride-1 dense convs): values and both gradients."""
+  """`conv2d_tap_grads` (the CPU form of stride-1 dense convs, gradients written out): values
+  and both gradients equal XLA's own conv and its autodiff."""
   rng = np.random.default_rng(kernel + dilation)
   x = jnp.asarray(rng.normal(size=(2, 9, 7, 5)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, 5, 4)), jnp.float32)
@@ -87,7 +93,7 @@ def test_tap_conv_equals_lax_conv(kernel, dilation, padding):
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
 
-  taps = lambda x, w: layers.conv2d_taps(x, w, padding, dilation)
+  taps = lambda x, w: layers.conv2d_tap_grads(x, w, padding, dilation)
   with jax.default_matmul_precision("highest"):
     ref = lax_conv(x, w)
     _close("value", jax.jit(taps)(x, w), ref)
@@ -99,15 +105,17 @@ def test_tap_conv_equals_lax_conv(kernel, dilation, padding):
   _close("d/dkernel", dw, ref_dw)
 
 
-def test_kernel_gradient_over_several_row_blocks(monkeypatch):
-  """The kernel gradient loops over blocks of rows; a height that is not a whole number of
-  blocks (zero rows pad the last) gives the same sums."""
+@pytest.mark.parametrize("dilation", [1, 3])
+def test_kernel_gradient_over_several_row_blocks(monkeypatch, dilation):
+  """The kernel gradient loops over blocks of rows, each kernel row reading its own rows (at
+  dilation 3, rows 3 apart); a height that is not a whole number of blocks (zero rows pad the
+  last) gives the same sums."""
   monkeypatch.setattr(layers, "_DW_BLOCK_BYTES", 3 * 7 * 4 * 4)  # 3 rows of 7 x 4 floats
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 10, 7, 4)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32)
-  pad = ((1, 1), (1, 1))
-  loss = lambda impl: lambda k: jnp.sum(jnp.sin(layers.depthwise_conv2d(x, k, pad, 1, impl)))
+  pad = ((dilation, dilation), (dilation, dilation))
+  loss = lambda impl: lambda k: jnp.sum(jnp.sin(layers.depthwise_conv2d(x, k, pad, dilation, impl)))
   _close("d/dkernel", jax.grad(loss("shift"))(kernel), jax.grad(loss("lax"))(kernel))
 
 
@@ -151,7 +159,12 @@ def test_depthwise_impl_choice(monkeypatch):
   assert layers.depthwise_impl() == "lax"
   assert layers.depthwise_impl("shift") == "shift"
   monkeypatch.setenv(layers.DEPTHWISE_ENV, "")
-  assert layers.depthwise_impl() == ("shift" if jax.default_backend() == "cpu" else "lax")
+  cpu = jax.default_backend() == "cpu"
+  assert layers.depthwise_impl() == ("shift" if cpu else "lax")
+  # On CPU the library conv is kept for toy maps only: narrow and small.
+  assert layers.depthwise_impl(shape=(16, 16, 8)) == "lax"
+  assert layers.depthwise_impl(shape=(4, 4, 768)) == ("shift" if cpu else "lax")
+  assert layers.depthwise_impl(shape=(128, 128, 8)) == ("shift" if cpu else "lax")
   monkeypatch.setenv(layers.DEPTHWISE_ENV, "fast")
   with pytest.raises(UserInputError, match="MIML_JAX_DEPTHWISE"):
     layers.depthwise_impl()

@@ -409,6 +409,32 @@ def test_discernment_and_protocol_b_match_the_release_notebooks():
   )["classes"].tolist() == [[2, 1, 0]]
 
 
+def test_copy_move_loss_terms_against_numpy():
+  """Fused CE over the labelled pixels in the original's channel order, and the optional Dice
+  of 1 - P(pristine) against every copy-move pixel (IGNORE pixels take no part in either)."""
+  config = config_lib.load_config(f"{EXPERIMENT}:tiny")
+  config.loss.dice_weight = 0.5
+  config.loss.fusion_weight, config.loss.similarity_weight = 1.0, 0.0
+  config.loss.manipulation_weight = 0.0
+  task = tasks.build(config)
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)
+  label = rng.choice(np.array([0, 1, 2, copy_move.IGNORE], np.uint8), size=(2, 4, 5))
+  total, terms = task.loss({"logits": jnp.asarray(logits)}, {"label": jnp.asarray(label)})
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  valid = label != copy_move.IGNORE
+  channel = {k: bn.CHANNELS.index(name) for k, name in enumerate(copy_move.CLASSES)}
+  nll = [
+    -np.log(probs[i][channel[int(v)]]) for i, v in np.ndenumerate(label) if v != copy_move.IGNORE
+  ]
+  forged = 1.0 - probs[..., bn.CHANNELS.index("pristine")]
+  target = (label > 0) & valid
+  dice = 1 - (2 * (forged * target).sum() + 1) / ((forged * valid).sum() + target.sum() + 1)
+  assert float(terms["loss_fusion"]) == pytest.approx(np.mean(nll), rel=1e-5)
+  assert float(terms["loss_dice"]) == pytest.approx(dice, rel=1e-5)
+  assert float(total) == pytest.approx(np.mean(nll) + 0.5 * dice, rel=1e-5)
+
+
 def test_three_class_label_and_the_task_refuses_binary_data(tmp_path, capsys):
   target = np.array([[1, 0, 255, 0, 1]], np.uint8)
   source = np.array([[0, 1, 0, 255, 1]], np.uint8)

@@ -1,6 +1,7 @@
-"""`miml-jax demo` end to end: a tiny trained checkpoint served by the real command in a
-subprocess, driven by headless Chromium (upload, heatmaps, threshold slider, mask download, bad
-uploads), plus the upload checks and model loading without a browser."""
+"""`miml-jax demo` end to end: tiny trained Web-IML, ManTraNet and BusterNet checkpoints served
+side by side by the real command in a subprocess, driven by headless Chromium (upload, heatmaps,
+BusterNet's source / target map, threshold slider, mask download, bad uploads), plus the upload
+checks and model loading without a browser."""
 
 import os
 import shutil
@@ -17,6 +18,7 @@ import pytest
 
 from miml_jax import cli, io
 from miml_jax.errors import UserInputError
+from test_tasks import coco_root  # noqa: F401 (a fixture)
 from tiny_run import QUICKSTART, TINY  # The model of test_end_to_end.py.
 
 pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
@@ -57,6 +59,30 @@ def checkpoint(tmp_path_factory):
   return workdir
 
 
+EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory, coco_root):  # noqa: F811
+  """Tiny ManTraNet and BusterNet workdirs, trained as test_mantranet.py and test_busternet.py
+  train them (the same flags, so their XLA programs come from the session's cache)."""
+  root = tmp_path_factory.mktemp("baselines")
+  runs = {
+    "mantranet": [f"{EXPERIMENTS}/mantranet.py:tiny"],
+    "busternet": [
+      f"{EXPERIMENTS}/busternet.py:branches:tiny",
+      f"--config.data.train=coco_copymove:{coco_root}",
+      f"--config.data.validation=coco_copymove:{coco_root}",
+      "--config.train.steps=2",
+      "--config.train.eval_every=0",
+    ],
+  }
+  for name, (config, *flags) in runs.items():
+    command = ["train", "--config", config, "--workdir", str(root / name), "--json", *flags]
+    assert cli.main(command) == 0, name
+  return {name: root / name for name in runs}
+
+
 @pytest.fixture(scope="session")
 def chromium():
   """/usr/bin/chromium, installed from Debian when missing and we may; else the test skips."""
@@ -79,10 +105,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _models(checkpoint, baselines) -> dict:
+  """The page's models, in column order: Web-IML from its step-4 folder, and the baselines."""
+  return {"webiml": checkpoint / "checkpoints" / "4", **baselines}
+
+
 @pytest.fixture
-def server(checkpoint, tmp_path):
-  """`python -m miml_jax.cli demo` with two models (the workdir and its step-4 folder) on a
-  free port; yields its URL once it answers, and always stops it."""
+def server(checkpoint, baselines, tmp_path):
+  """`python -m miml_jax.cli demo` with three models (Web-IML, ManTraNet, BusterNet) on a free
+  port; yields its URL once it answers, and always stops it."""
   port = _free_port()
   log_path = tmp_path / "server.log"
   log = open(log_path, "w")
@@ -91,10 +122,7 @@ def server(checkpoint, tmp_path):
     "-m",
     "miml_jax.cli",
     "demo",
-    "--model",
-    f"latest={checkpoint}",
-    "--model",
-    f"step4={checkpoint / 'checkpoints' / '4'}",
+    *[f"--model={name}={path}" for name, path in _models(checkpoint, baselines).items()],
     "--port",
     str(port),
     "--max-pixels",
@@ -176,13 +204,12 @@ def upload_image(request, tmp_path):
   return _test_image(shared, tmp_path)
 
 
-def _expected(checkpoint, image: np.ndarray, name: str):
-  """The probability map and image score the page should show, computed here."""
+def _expected(models: dict, image: np.ndarray, name: str):
+  """Each model's (probability map, image score, pictures) the page should show, computed here."""
   from miml_jax import demo
 
-  (model,) = demo.load_models([f"x={checkpoint}"], None, None, [])
-  ((prob, image_prob),) = demo.run_models([model], image, name)
-  return prob, image_prob
+  loaded = demo.load_models([f"{k}={v}" for k, v in models.items()], None, None, [])
+  return demo.run_models(loaded, image, name)
 
 
 def _assert_close_images(shown: np.ndarray, expected: np.ndarray, what: str):
@@ -193,57 +220,71 @@ def _assert_close_images(shown: np.ndarray, expected: np.ndarray, what: str):
 
 
 @pytest.mark.slow
-def test_demo_in_chromium(server, chromium, checkpoint, upload_image, tmp_path):
+def test_demo_in_chromium(server, chromium, checkpoint, baselines, upload_image, tmp_path):
   playwright_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright (test extra) is not installed"
   )
+  from miml_jax import visualize
+  from miml_jax.tasks import copy_move
+
   image = io.read_image(upload_image)
-  expected_prob, expected_score = _expected(checkpoint, image, os.path.basename(upload_image))
+  expected = _expected(_models(checkpoint, baselines), image, os.path.basename(upload_image))
+  columns = range(len(expected))
+  # Web-IML has an image head and no extra pictures; BusterNet (the last) has its class map.
+  assert np.isfinite(expected[0][1]) and all(np.isnan(score) for _, score, _ in expected[1:])
+  assert [len(pictures) for _, _, pictures in expected] == [0, 0, 1]
 
   with playwright_api.sync_playwright() as playwright:
     browser = playwright.chromium.launch(
       executable_path=chromium, headless=True, args=CHROMIUM_ARGS
     )
     try:
-      page = browser.new_page(viewport={"width": 1280, "height": 1400})
+      page = browser.new_page(viewport={"width": 1500, "height": 1600})
       page.set_default_timeout(60_000)
       page.goto(server)
       page.wait_for_selector("#demo-status")
       empty = tmp_path / "empty.png"
       page.screenshot(path=str(empty), full_page=True)
 
-      # A real image: both models' heatmap, overlay and mask appear.
+      # A real image: every model's heatmap, overlay and mask appear, BusterNet's map too.
       page.set_input_files("#demo-upload input[type=file]", upload_image)
-      for index in (0, 1):
+      for index in columns:
         page.wait_for_selector(f"#demo-mask-{index} img")
-      page.wait_for_selector("#demo-score-1 :text('image-level score')")
+      page.wait_for_selector("#demo-picture-2-0 img")
+      page.wait_for_selector("#demo-score-0 :text('image-level score')")
       screenshot = tmp_path / "demo.png"
       page.screenshot(path=str(screenshot), full_page=True)
-      if os.environ.get("MIML_JAX_DEMO_SCREENSHOT"):
-        shutil.copyfile(screenshot, os.environ["MIML_JAX_DEMO_SCREENSHOT"])
       before, after = io.read_image(str(empty)), io.read_image(str(screenshot))
       assert before.shape != after.shape or np.any(before != after)
+      assert page.locator("#demo-picture-0-0, #demo-picture-1-0").count() == 0
 
-      from miml_jax import visualize
-
-      for index in (0, 1):
+      for index, (prob, score, pictures) in zip(columns, expected):
         _assert_close_images(
           _image_of(page, f"demo-heatmap-{index}", server),
-          visualize.heatmap(expected_prob),
+          visualize.heatmap(prob),
           f"heatmap {index}",
         )
         _assert_close_images(
           _image_of(page, f"demo-overlay-{index}", server),
-          visualize.overlay(image, expected_prob),
+          visualize.overlay(image, prob),
           f"overlay {index}",
         )
         _assert_close_images(
           _mask_of(page, f"demo-mask-{index}", server),
-          ((expected_prob > 0.5) * 255).astype(np.uint8),
+          ((prob > 0.5) * 255).astype(np.uint8),
           f"mask {index}",
         )
+        for number, picture in enumerate(pictures):
+          _assert_close_images(
+            _image_of(page, f"demo-picture-{index}-{number}", server), picture, "class map"
+          )
         score_text = page.locator(f"#demo-score-{index}").inner_text()
-        assert f"{expected_score:.3f}" in score_text, score_text
+        wanted = "no image head" if np.isnan(score) else f"{score:.3f}"
+        assert wanted in score_text, score_text
+      classes = _image_of(page, "demo-picture-2-0", server).reshape(-1, 3)
+      assert {tuple(c) for c in np.unique(classes, axis=0)} <= set(
+        map(tuple, copy_move.CLASS_COLOURS.tolist())
+      )
       assert np.any(_image_of(page, "demo-overlay-0", server) != image)
 
       # The slider re-thresholds the cached maps: at 0 every pixel is tampered, at 1 none is.
@@ -253,15 +294,15 @@ def test_demo_in_chromium(server, chromium, checkpoint, upload_image, tmp_path):
         slider.focus()
         slider.press(key)
         page.wait_for_function(
-          "([text]) => document.querySelector('#demo-score-1').innerText.includes(text)",
+          "([text]) => document.querySelector('#demo-score-2').innerText.includes(text)",
           arg=[f"above {threshold:.2f}"],
         )
         page.wait_for_timeout(300)  # Let the mask images load their new sources.
-        shown = [_mask_of(page, f"demo-mask-{index}", server) for index in (0, 1)]
-        for mask in shown:
-          assert np.array_equal(mask, ((expected_prob > threshold) * 255).astype(np.uint8))
-          assert np.all(mask == (255 if threshold == 0.0 else 0)), key
-        masks[threshold] = shown[0]
+        for index, (prob, _, _) in zip(columns, expected):
+          mask = _mask_of(page, f"demo-mask-{index}", server)
+          assert np.array_equal(mask, ((prob > threshold) * 255).astype(np.uint8)), index
+          assert np.all(mask == (255 if threshold == 0.0 else 0)), (key, index)
+        masks[threshold] = _mask_of(page, "demo-mask-0", server)
         # The download serves the mask on the page as a PNG.
         with page.expect_download() as download_info:
           page.locator("#demo-download-0").click()
@@ -345,7 +386,9 @@ def test_init_file_model_matches_its_checkpoint(checkpoint, tmp_path):
   assert (from_checkpoint.name, from_init.name) == ("trained", "converted")
   assert from_checkpoint.step == 4 and from_init.step is None
   image = np.random.default_rng(2).integers(0, 256, (40, 72, 3), dtype=np.uint8)
-  (prob_a, score_a), (prob_b, score_b) = demo.run_models([from_checkpoint, from_init], image, "x")
+  (prob_a, score_a, _), (prob_b, score_b, _) = demo.run_models(
+    [from_checkpoint, from_init], image, "x"
+  )
   assert prob_a.shape == (40, 72) and prob_a.dtype == np.float32
   np.testing.assert_allclose(prob_a, prob_b, atol=1e-6)
   assert np.isfinite(score_a) and score_a == pytest.approx(score_b, abs=1e-6)

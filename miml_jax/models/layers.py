@@ -10,7 +10,7 @@ weights imported from a PyTorch checkpoint give the same numbers:
 * `resize_bilinear` follows `F.interpolate(mode='bilinear')` for both values of `align_corners`
   and for both `size=` and `scale_factor=` calls (they use different source-coordinate scales).
 * `conv2d` builds torch-like convs; stride-1 depthwise and dense convs get a formulation chosen
-  per backend (`DepthwiseConv2d`, `TapConv2d`: shifted multiply-adds / per-tap matmuls on CPU,
+  per backend (`DepthwiseConv2d`, `TapConv2d`: shifted multiply-adds / per-tap gradients on CPU,
   where XLA's own grouped conv and conv gradients are slow; `lax.conv` on GPU / TPU;
   $MIML_JAX_DEPTHWISE=shift|lax overrides), with the variables of the `nn.Conv` they replace.
 * `adaptive_avg_pool` / `adaptive_max_pool` use PyTorch's bin rule
@@ -91,8 +91,8 @@ def conv2d(
 
   The default initialisers are torch's; `in_features` is only needed for the bias bound.
   A stride-1 depthwise conv (groups == in_features == features) is a `DepthwiseConv2d`, and a
-  stride-1 ungrouped conv with a kernel larger than 1x1 a `TapConv2d`: the same variables,
-  computed by the backend's fast formulation (see `depthwise_conv2d`, `conv2d_taps`).
+  stride-1 ungrouped conv (1x1 included) a `TapConv2d`: the same variables,
+  computed by the backend's fast formulation (see `depthwise_conv2d`, `conv2d_tap_grads`).
   """
   kh, kw = _pair(kernel_size)
   ph, pw = _pair(padding)
@@ -110,7 +110,7 @@ def conv2d(
       param_dtype=param_dtype,
       name=name,
     )
-  if groups == 1 and (kh, kw) != (1, 1) and _pair(stride) == (1, 1):
+  if groups == 1 and _pair(stride) == (1, 1):
     return TapConv2d(
       features=features,
       kernel_size=(kh, kw),
@@ -153,15 +153,19 @@ DEPTHWISE_IMPLS = ("auto", "shift", "lax")
 DEPTHWISE_ENV = "MIML_JAX_DEPTHWISE"
 
 
-# 'auto' on CPU keeps the library conv for feature maps under this many values per example
-# (H x W x C): there the conv costs little either way, and the unrolled taps of the shifted
-# forms cost compile time (about 4x the whole compile of a tiny model's training step).
+# 'auto' on CPU keeps the library conv only for maps that are both narrow (under
+# SHIFT_MIN_CHANNELS channels) and small (under SHIFT_MIN_ELEMENTS values per example, H x W x C):
+# the toy widths of tests, where the unrolled taps of the shifted forms would cost more compile
+# time (about 0.5 s per conv) than they save. XLA:CPU's grouped conv costs grow with the number of
+# groups, so any real width gains: a 7x7 depthwise conv on 4x4x4x768 (ConvNeXt-T's last stage at
+# 128 px) takes 20 ms forward / 160 ms with its gradients as a grouped conv, 0.4 / 3 ms shifted.
 SHIFT_MIN_ELEMENTS = 1 << 16
+SHIFT_MIN_CHANNELS = 64
 
 
-def depthwise_impl(impl: str = "auto", elements: int | None = None) -> str:
-  """The formulation the convs use: 'shift' or 'lax' ('auto': per backend and, with
-  `elements` (H x W x C of one example), per size; $MIML_JAX_DEPTHWISE overrides both)."""
+def depthwise_impl(impl: str = "auto", shape: Sequence[int] | None = None) -> str:
+  """The formulation the convs use: 'shift' or 'lax' ('auto': per backend and, with `shape`
+  (H, W, C) of one example, per size; $MIML_JAX_DEPTHWISE overrides both)."""
   if impl == "auto":
     impl = os.environ.get(DEPTHWISE_ENV, "") or "auto"
   if impl not in DEPTHWISE_IMPLS:
@@ -170,8 +174,10 @@ def depthwise_impl(impl: str = "auto", elements: int | None = None) -> str:
       f"choose one of {DEPTHWISE_IMPLS}"
     )
   if impl == "auto":
-    small = elements is not None and elements < SHIFT_MIN_ELEMENTS
-    return "shift" if jax.default_backend() == "cpu" and not small else "lax"
+    toy = (
+      shape is not None and shape[-1] < SHIFT_MIN_CHANNELS and math.prod(shape) < SHIFT_MIN_ELEMENTS
+    )
+    return "shift" if jax.default_backend() == "cpu" and not toy else "lax"
   return impl
 
 
@@ -217,15 +223,15 @@ def _shift_kernel_grad(xp: Array, dy: Array, kh: int, kw: int, dilation) -> Arra
   # Zero rows of dy (and matching x rows) round the height up to whole blocks; they add 0.
   dy = jnp.pad(dy.astype(jnp.float32), ((0, 0), (0, extra), (0, 0), (0, 0)))
   xp = jnp.pad(xp.astype(jnp.float32), ((0, 0), (0, extra), (0, 0), (0, 0)))
-  span = rows + (kh - 1) * dh
 
   def block(acc, t):
     b, i0 = t // nblk, (t % nblk) * rows
-    xs = jax.lax.dynamic_slice(xp, (b, i0, 0, 0), (1, span, xp.shape[2], c))[0]
     ds = jax.lax.dynamic_slice(dy, (b, i0, 0, 0), (1, rows, wo, c))[0]
 
     def kernel_row(p, acc):
-      xr = jax.lax.dynamic_slice_in_dim(xs, p * dh, rows, 0)
+      # Only the rows kernel row p reads: with a large dilation (APSC-Net's ASPP, 36) one
+      # slice spanning all kernel rows would copy ~(kh - 1) * dh rows per block.
+      xr = jax.lax.dynamic_slice(xp, (b, i0 + p * dh, 0, 0), (1, rows, xp.shape[2], c))[0]
       taps = [jnp.sum(xr[:, q * dw : q * dw + wo] * ds, axis=(0, 1)) for q in range(kw)]
       return acc.at[p].add(jnp.stack(taps))
 
@@ -274,14 +280,14 @@ def depthwise_conv2d(
   groups=C) with explicit `padding` ((top, bottom), (left, right)) and `dilation`. `impl`:
   'shift' (shifted multiply-adds with a custom VJP, float32 accumulation; the fast one on
   CPU), 'lax' (the library conv; fast on GPU / TPU), or 'auto' (the backend's fast one, the
-  library conv for maps under SHIFT_MIN_ELEMENTS values, or $MIML_JAX_DEPTHWISE). The output
+  library conv for toy maps (see SHIFT_MIN_CHANNELS), or $MIML_JAX_DEPTHWISE). The output
   has x's dtype.
   """
   if x.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[3] != x.shape[-1]:
     raise ValueError(f"depthwise_conv2d: x {x.shape} and kernel {kernel.shape} do not match")
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   dilation = _pair(dilation)
-  if depthwise_impl(impl, math.prod(x.shape[1:])) == "lax":
+  if depthwise_impl(impl, x.shape[1:]) == "lax":
     return jax.lax.conv_general_dilated(
       x,
       kernel.astype(x.dtype),
@@ -334,33 +340,78 @@ class DepthwiseConv2d(nn.Module):
     return y.reshape(lead + y.shape[1:])
 
 
-def conv2d_taps(
+def _lax_conv(x: Array, kernel: Array, padding, dilation) -> Array:
+  return jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    window_strides=(1, 1),
+    padding=padding,
+    rhs_dilation=dilation,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_tap_grads(x: Array, kernel: Array, padding, dilation) -> Array:
+  return _lax_conv(x, kernel, padding, dilation)
+
+
+def _conv_tap_grads_fwd(x, kernel, padding, dilation):
+  return _lax_conv(x, kernel, padding, dilation), (x, kernel)
+
+
+def _conv_tap_grads_bwd(padding, dilation, residuals, dy):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  dh, dw = dilation
+  (t, b), (lft, r) = padding
+  # d/dx: a forward conv of dy with the flipped kernel, its in / out swapped, padded so that the
+  # output has x's size ((k - 1) * d - pad each side; lax.pad crops where that is negative).
+  grow = ((kh - 1) * dh - t, (kh - 1) * dh - b), ((kw - 1) * dw - lft, (kw - 1) * dw - r)
+  dyp = jax.lax.pad(
+    dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (*grow[0], 0), (*grow[1], 0), (0, 0, 0))
+  )
+  flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
+  dx = _lax_conv(dyp, flipped, ((0, 0), (0, 0)), dilation).astype(x.dtype)
+  # d/dkernel: one matmul per tap, dy^T (made once) times the tap's window of x as a (B*H*W, C)
+  # matrix. Written as window^T dy, XLA:CPU would copy every window transposed (2.2x slower).
+  xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (t, b, 0), (lft, r, 0), (0, 0, 0)))
+  ho, wo = dy.shape[1:3]
+  c_in, c_out = kernel.shape[2:]
+  dy_t = dy.reshape(-1, c_out).T
+  taps = [
+    jnp.matmul(
+      dy_t,
+      xp[:, p * dh : p * dh + ho, q * dw : q * dw + wo, :].reshape(-1, c_in),
+      preferred_element_type=jnp.float32,
+    )
+    for p in range(kh)
+    for q in range(kw)
+  ]
+  dk = jnp.stack(taps).transpose(0, 2, 1).reshape(kernel.shape).astype(kernel.dtype)
+  return dx, dk
+
+
+_conv_tap_grads.defvjp(_conv_tap_grads_fwd, _conv_tap_grads_bwd)
+
+
+def conv2d_tap_grads(
   x: Array, kernel: Array, padding: Sequence[tuple[int, int]], dilation: int | Sequence[int] = 1
 ) -> Array:
-  """A stride-1 dense conv (NHWC, HWIO kernel) as one matmul per kernel tap, summed.
+  """A stride-1 dense conv (NHWC, HWIO kernel) whose gradients XLA:CPU runs fast.
 
-  Equals `lax.conv_general_dilated` with explicit padding and rhs dilation. On CPU its
-  gradients are much cheaper: autodiff turns the taps into matmuls and pads, where XLA:CPU runs
-  the conv's own backward (a transposed conv and a kernel-gradient conv) ~2x slower than its
-  forward (UPerHead's 3x3 1024 -> 256 on 4x32x32: 3.3 s vs 1.8 s forward + backward).
+  The forward is `lax.conv_general_dilated` with explicit padding and rhs dilation. The
+  gradients are written out (a custom VJP): the input gradient as a forward conv of the
+  cotangent with the flipped kernel, the kernel gradient as one matmul per tap. XLA:CPU runs
+  its own kernel-gradient conv slowly: for UPerHead's 3x3 1024 -> 256 on 4x32x32, 333 ms
+  against 124 ms as taps.
   """
-  kh, kw = kernel.shape[:2]
-  dh, dw = _pair(dilation)
-  (t, b), (lft, r) = padding
-  xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (t, b, 0), (lft, r, 0), (0, 0, 0)))
-  ho = xp.shape[1] - (kh - 1) * dh
-  wo = xp.shape[2] - (kw - 1) * dw
-  acc = None
-  for p in range(kh):
-    for q in range(kw):
-      window = xp[:, p * dh : p * dh + ho, q * dw : q * dw + wo, :]
-      term = jnp.einsum("bhwc,cd->bhwd", window, kernel[p, q], preferred_element_type=jnp.float32)
-      acc = term if acc is None else acc + term
-  return acc.astype(x.dtype)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _conv_tap_grads(x, kernel, padding, _pair(dilation))
 
 
 class TapConv2d(nn.Module):
-  """A stride-1, ungrouped `nn.Conv` whose CPU formulation is `conv2d_taps`.
+  """A stride-1, ungrouped `nn.Conv` whose CPU formulation is `conv2d_tap_grads`.
 
   Same variables as the `nn.Conv` it replaces (`kernel` (kh, kw, in, out), `bias` (out,)),
   created with the same initialisers in the same order. On other backends, or with
@@ -391,17 +442,10 @@ class TapConv2d(nn.Module):
     lead = x.shape[:-3]  # any leading batch dims, as nn.Conv takes them (folded into one)
     x = x.astype(self.dtype).reshape((-1,) + x.shape[-3:])
     kernel = kernel.astype(self.dtype)
-    if depthwise_impl(self.impl, math.prod(x.shape[1:])) == "shift":
-      y = conv2d_taps(x, kernel, self.padding, self.kernel_dilation)
+    if depthwise_impl(self.impl, x.shape[1:]) == "shift":
+      y = conv2d_tap_grads(x, kernel, self.padding, self.kernel_dilation)
     else:
-      y = jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(1, 1),
-        padding=self.padding,
-        rhs_dilation=self.kernel_dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      )
+      y = _lax_conv(x, kernel, self.padding, self.kernel_dilation)
     if bias is not None:
       y = y + bias.astype(self.dtype)
     return y.reshape(lead + y.shape[1:])

@@ -58,6 +58,9 @@ class Task:
   # Whether an input too large for one batch can be cut into tiles (`tile_rows`,
   # `tiled_prediction`) or downscaled (`eval_inputs(..., max_pixels)`): the dense tasks.
   can_tile: ClassVar[bool] = False
+  # Titles of the pictures of a prediction shown beside its probability map (the demo's
+  # extra images, e.g. BusterNet's source / target map): `prediction_pictures` draws them.
+  picture_names: ClassVar[tuple[str, ...]] = ()
 
   def __init__(self, config):
     self.config = config
@@ -140,6 +143,11 @@ class Task:
     if self.single_image:
       return predict.ImageFiles(predict.expand_inputs(paths))
     return pairs.PairFolderSource.from_paths(paths)
+
+  def prediction_pictures(self, prediction: dict) -> list[np.ndarray]:
+    """uint8 RGB (H, W, 3) pictures of one finished prediction, one per `picture_names`."""
+    del prediction
+    return []
 
   def write_prediction(
     self, out_dir: str, sample: dict, prediction: dict, threshold: float | None

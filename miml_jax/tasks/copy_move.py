@@ -14,9 +14,10 @@ in training the branches' auxiliary logits 'similarity_logits' / 'manipulation_l
 Loss (CopyMoveLossConfig): `fusion_weight` x the 3-class CE of the fused output, plus
 `similarity_weight` x BCE of the similarity branch against every copy-move pixel (source or
 target) and `manipulation_weight` x BCE of the manipulation branch against the target, each a
-mean over the labelled pixels (the auxiliary tasks of the paper). The staged recipe (branches
-first, then the fusion with the branches frozen, `optim.frozen`) is two configs of
-experiments/busternet.py.
+mean over the labelled pixels (the auxiliary tasks of the paper); optionally (`dice_weight`,
+0 in the paper's recipe) a soft Dice of 1 - P(pristine) against every copy-move pixel. The
+staged recipe (branches first, then the fusion with the branches frozen, `optim.frozen`) is two
+configs of experiments/busternet.py.
 Prediction (as the original's wrapper): the image resized to input_size x input_size (TF
 bilinear, align_corners=True), the softmax resized back to the image's size the same way; 'prob'
 = 1 - P(pristine) (the binary map every model is scored on), 'cmfd_mask' = P(pristine) <= 0.5
@@ -43,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from miml_jax import losses
 from miml_jax import metrics as metrics_lib
 from miml_jax.config import setting
 from miml_jax.errors import UserInputError
@@ -74,6 +76,9 @@ class CopyMoveLossConfig:
   fusion_weight: float = setting(1.0, ge=0)
   similarity_weight: float = setting(1.0, ge=0)
   manipulation_weight: float = setting(1.0, ge=0)
+  # Not in the paper: soft Dice of the binary map 1 - P(pristine) against every copy-move pixel
+  # (losses.soft_dice_loss). Without it a short run settles on the pristine prior.
+  dice_weight: float = setting(0.0, ge=0)
 
 
 def three_class_label(target: np.ndarray, source: np.ndarray) -> np.ndarray:
@@ -94,6 +99,7 @@ class CopyMoveTask(base.DenseTask):
   plot_scores = ("iou", "f1", "cmfd_f1", "discern_accuracy")
   # The model sees every image at its input_size: nothing to tile or downscale.
   can_tile = False
+  picture_names = ("source (green) / target (red)",)
 
   def __init__(self, config):
     super().__init__(config)
@@ -165,6 +171,10 @@ class CopyMoveTask(base.DenseTask):
     nll = -jnp.take_along_axis(log_probs, channel[..., None], axis=-1)[..., 0]
     terms = {"loss_fusion": jnp.sum(jnp.where(valid, nll, 0.0)) / count}
     total = cfg.fusion_weight * terms["loss_fusion"]
+    if cfg.dice_weight > 0:
+      pristine = jnp.exp(log_probs[..., busternet.CHANNELS.index("pristine")])
+      terms["loss_dice"] = losses.soft_dice_loss(1.0 - pristine, known > 0, valid)
+      total = total + cfg.dice_weight * terms["loss_dice"]
     aux = (
       ("similarity", "similarity_logits", known > 0, cfg.similarity_weight),
       ("manipulation", "manipulation_logits", known == 2, cfg.manipulation_weight),
@@ -196,13 +206,17 @@ class CopyMoveTask(base.DenseTask):
       "classes": _LABEL_OF_CHANNEL[np.argmax(probs, axis=-1)],
     }
 
+  def prediction_pictures(self, prediction):
+    return [CLASS_COLOURS[prediction["classes"]]]
+
   def write_prediction(self, out_dir, sample, prediction, threshold):
     record = super().write_prediction(out_dir, sample, prediction, threshold)
     stem = os.path.splitext(os.path.basename(sample["id"]))[0]
     path = os.path.join(out_dir, f"{stem}_classes.png")
     from miml_jax import io
 
-    io.write_image(path, CLASS_COLOURS[prediction["classes"]])
+    (classes,) = self.prediction_pictures(prediction)
+    io.write_image(path, classes)
     record["files"]["classes"] = path
     for value, name in enumerate(CLASSES[1:], start=1):
       record[f"{name}_fraction"] = float(np.mean(prediction["classes"] == value))
