@@ -7,12 +7,12 @@ evaluation protocol against a restatement of the release's notebooks, the source
 import json
 import os
 
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from keras_files import write_keras_layers
 from miml_jax import cli, io, models, tasks
 from miml_jax import config as config_lib
 from miml_jax.errors import UserInputError
@@ -204,16 +204,8 @@ def _released_weights(seed=0) -> dict[str, np.ndarray]:
 
 
 def _write_keras(path, layers: dict[str, dict[str, np.ndarray]]):
-  """A Keras 2 `save_weights` file: root `layer_names`, each layer's `weight_names`."""
-  with h5py.File(path, "w") as f:
-    f.attrs["layer_names"] = [n.encode() for n in layers]
-    f.attrs["backend"] = b"tensorflow"
-    f.attrs["keras_version"] = b"2.0.7"
-    for layer, weights in layers.items():
-      group = f.create_group(layer)
-      group.attrs["weight_names"] = [n.encode() for n in weights]
-      for name, value in weights.items():
-        group.create_dataset(name, data=value)
+  """A Keras 2.0.7 `save_weights` file, as the release's."""
+  write_keras_layers(path, layers, full_model=False, keras_version="2.0.7")
 
 
 def _released_layers(weights):

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from keras_files import write_keras_layers
 from miml_jax import cli, io, models
 from miml_jax.errors import UserInputError
 from miml_jax.input import sources, transforms
@@ -256,18 +257,7 @@ def write_keras_h5(path, featex, rest, full_model=True):
   for key, value in rest.items():
     layers.setdefault(key.split("/")[0], {})[key] = value
   layers.update({"nestedAvgFeatex": {}, "expTime": {}, "divStd": {}})
-  with h5py.File(path, "w") as f:
-    group = f.create_group("model_weights") if full_model else f
-    if full_model:
-      f.attrs["model_config"] = b"{}"
-    group.attrs["layer_names"] = [name.encode() for name in layers]
-    group.attrs["backend"] = b"tensorflow"
-    group.attrs["keras_version"] = b"2.2.0"
-    for name, weights in layers.items():
-      g = group.create_group(name)
-      g.attrs["weight_names"] = [key.encode() for key in weights]
-      for key, value in weights.items():
-        g.create_dataset(key, data=value)
+  write_keras_layers(path, layers, full_model, keras_version="2.2.0")
 
 
 def run(capsys, *argv):

@@ -97,39 +97,11 @@ def conv2d(
   kh, kw = _pair(kernel_size)
   ph, pw = _pair(padding)
   fan_in = (in_features // groups) * kh * kw
-  if groups > 1 and groups == in_features == features and _pair(stride) == (1, 1):
-    return DepthwiseConv2d(
-      features=features,
-      kernel_size=(kh, kw),
-      padding=((ph, ph), (pw, pw)),
-      kernel_dilation=_pair(dilation),
-      use_bias=use_bias,
-      kernel_init=kernel_init or torch_default_kernel_init,
-      bias_init=bias_init or torch_default_bias_init(fan_in),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      name=name,
-    )
-  if groups == 1 and _pair(stride) == (1, 1):
-    return TapConv2d(
-      features=features,
-      kernel_size=(kh, kw),
-      padding=((ph, ph), (pw, pw)),
-      kernel_dilation=_pair(dilation),
-      use_bias=use_bias,
-      kernel_init=kernel_init or torch_default_kernel_init,
-      bias_init=bias_init or torch_default_bias_init(fan_in),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      name=name,
-    )
-  return nn.Conv(
+  common = dict(
     features=features,
     kernel_size=(kh, kw),
-    strides=_pair(stride),
     padding=((ph, ph), (pw, pw)),
     kernel_dilation=_pair(dilation),
-    feature_group_count=groups,
     use_bias=use_bias,
     kernel_init=kernel_init or torch_default_kernel_init,
     bias_init=bias_init or torch_default_bias_init(fan_in),
@@ -137,6 +109,11 @@ def conv2d(
     param_dtype=param_dtype,
     name=name,
   )
+  if _pair(stride) == (1, 1) and groups > 1 and groups == in_features == features:
+    return DepthwiseConv2d(**common)
+  if _pair(stride) == (1, 1) and groups == 1:
+    return TapConv2d(**common)
+  return nn.Conv(strides=_pair(stride), feature_group_count=groups, **common)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,13 +277,11 @@ def depthwise_conv2d(
   return _shift_depthwise(x, kernel[:, :, 0, :], padding, dilation).astype(x.dtype)
 
 
-class DepthwiseConv2d(nn.Module):
-  """A stride-1 depthwise `nn.Conv` (feature_group_count = channels) through `depthwise_conv2d`.
-
-  Same variables as the `nn.Conv` it replaces (`kernel` (kh, kw, 1, C), `bias` (C,)), created
-  with the same initialisers in the same order, so parameter trees, their initial values and
-  checkpoints are unchanged.
-  """
+class _StrideOneConv(nn.Module):
+  """What `DepthwiseConv2d` and `TapConv2d` share: the fields and variables of the `nn.Conv`
+  they stand for (`kernel`, then `bias`, created with the same initialisers in the same order,
+  so parameter trees, their initial values and checkpoints are unchanged), leading batch dims
+  folded into one as nn.Conv does; subclasses give the kernel's shape and the convolution."""
 
   features: int
   kernel_size: tuple[int, int]
@@ -319,25 +294,40 @@ class DepthwiseConv2d(nn.Module):
   param_dtype: Dtype = jnp.float32
   impl: str = "auto"
 
+  def kernel_shape(self, in_features: int) -> tuple[int, ...]:
+    raise NotImplementedError
+
+  def convolve(self, x: Array, kernel: Array) -> Array:
+    raise NotImplementedError
+
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    if x.shape[-1] != self.features:
-      raise ValueError(f"DepthwiseConv2d: {x.shape[-1]} input channels, {self.features} groups")
-    kh, kw = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (kh, kw, 1, self.features), self.param_dtype)
+    shape = self.kernel_shape(x.shape[-1])
+    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
     bias = (
       self.param("bias", self.bias_init, (self.features,), self.param_dtype)
       if self.use_bias
       else None
     )
-    lead = x.shape[:-3]  # any leading batch dims, as nn.Conv takes them (folded into one)
+    lead = x.shape[:-3]
     x = x.astype(self.dtype).reshape((-1,) + x.shape[-3:])
-    y = depthwise_conv2d(
-      x, kernel.astype(self.dtype), self.padding, self.kernel_dilation, self.impl
-    )
+    y = self.convolve(x, kernel.astype(self.dtype))
     if bias is not None:
       y = y + bias.astype(self.dtype)
     return y.reshape(lead + y.shape[1:])
+
+
+class DepthwiseConv2d(_StrideOneConv):
+  """A stride-1 depthwise `nn.Conv` (feature_group_count = channels) through `depthwise_conv2d`,
+  with its variables (`kernel` (kh, kw, 1, C), `bias` (C,))."""
+
+  def kernel_shape(self, in_features):
+    if in_features != self.features:
+      raise ValueError(f"DepthwiseConv2d: {in_features} input channels, {self.features} groups")
+    return (*self.kernel_size, 1, self.features)
+
+  def convolve(self, x, kernel):
+    return depthwise_conv2d(x, kernel, self.padding, self.kernel_dilation, self.impl)
 
 
 def _lax_conv(x: Array, kernel: Array, padding, dilation) -> Array:
@@ -410,45 +400,18 @@ def conv2d_tap_grads(
   return _conv_tap_grads(x, kernel, padding, _pair(dilation))
 
 
-class TapConv2d(nn.Module):
-  """A stride-1, ungrouped `nn.Conv` whose CPU formulation is `conv2d_tap_grads`.
+class TapConv2d(_StrideOneConv):
+  """A stride-1, ungrouped `nn.Conv` (1x1 included), with its variables (`kernel` (kh, kw, in,
+  out), `bias` (out,)), whose CPU formulation is `conv2d_tap_grads`. On other backends, or
+  with $MIML_JAX_DEPTHWISE=lax (the same switch as the depthwise convs), it is `lax.conv`."""
 
-  Same variables as the `nn.Conv` it replaces (`kernel` (kh, kw, in, out), `bias` (out,)),
-  created with the same initialisers in the same order. On other backends, or with
-  $MIML_JAX_DEPTHWISE=lax (the same switch as the depthwise convs), it is `lax.conv`.
-  """
+  def kernel_shape(self, in_features):
+    return (*self.kernel_size, in_features, self.features)
 
-  features: int
-  kernel_size: tuple[int, int]
-  padding: tuple[tuple[int, int], tuple[int, int]]
-  kernel_dilation: tuple[int, int] = (1, 1)
-  use_bias: bool = True
-  kernel_init: Initializer = torch_default_kernel_init
-  bias_init: Initializer = nn.initializers.zeros
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  impl: str = "auto"
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kh, kw = self.kernel_size
-    shape = (kh, kw, x.shape[-1], self.features)
-    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-    bias = (
-      self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-      if self.use_bias
-      else None
-    )
-    lead = x.shape[:-3]  # any leading batch dims, as nn.Conv takes them (folded into one)
-    x = x.astype(self.dtype).reshape((-1,) + x.shape[-3:])
-    kernel = kernel.astype(self.dtype)
+  def convolve(self, x, kernel):
     if depthwise_impl(self.impl, x.shape[1:]) == "shift":
-      y = conv2d_tap_grads(x, kernel, self.padding, self.kernel_dilation)
-    else:
-      y = _lax_conv(x, kernel, self.padding, self.kernel_dilation)
-    if bias is not None:
-      y = y + bias.astype(self.dtype)
-    return y.reshape(lead + y.shape[1:])
+      return conv2d_tap_grads(x, kernel, self.padding, self.kernel_dilation)
+    return _lax_conv(x, kernel, self.padding, self.kernel_dilation)
 
 
 def dense(
