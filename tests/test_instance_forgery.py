@@ -15,6 +15,7 @@ from miml_jax import cli, io
 from miml_jax.errors import UserInputError
 from miml_jax.input import coco, instance_forgery, sources
 from miml_jax.input.instance_forgery import InstanceForgeryConfig
+from miml_jax.input.transforms import decode_label
 
 BUILDERS = os.path.join(os.path.dirname(__file__), "..", "datasets")
 HEIGHT, WIDTH = 64, 80
@@ -580,3 +581,139 @@ def test_recipes_come_from_the_data_config(coco_tree):
     config.data.instance_forgery.bogus = 1
   with pytest.raises(UserInputError, match="instance_forgery.bogus: unknown key"):
     sources.source_from_config(spec, "train", config.data)
+
+
+def test_feathered_paste_blends_by_the_distance_to_the_border():
+  host, host_objects, donor, donor_objects = host_and_objects()
+  cfg = InstanceForgeryConfig(min_area=64, occlude_prob=0.0, feather_prob=1.0, feather_width=(4, 4))
+  result = next(
+    r
+    for r in (
+      instance_forgery.splice(host, donor, donor_objects, np.random.default_rng(s), cfg)
+      for s in range(10)
+    )
+    if r is not None
+  )
+  patch, hard = instance_forgery.cut_object(
+    donor, donor_objects[result.object_index], result.scale, result.flip
+  )
+  # The alpha, stated directly: Euclidean distance from each object pixel to the nearest pixel
+  # outside the object (the box's surround counts as outside), over the feather width.
+  inside = np.argwhere(hard)
+  outside = np.argwhere(~np.pad(hard, 1)) - 1
+  distance = np.sqrt(((inside[:, None] - outside[None]) ** 2).sum(-1)).min(1)
+  alpha = np.zeros(hard.shape, np.float32)
+  alpha[tuple(inside.T)] = np.minimum(distance / 4.0, 1.0)
+  canvas = np.zeros(host.shape[:2], np.float32)
+  ys, xs = inside[:, 0] + result.y, inside[:, 1] + result.x
+  keep = (ys >= 0) & (ys < host.shape[0]) & (xs >= 0) & (xs < host.shape[1])
+  canvas[ys[keep], xs[keep]] = alpha[tuple(inside[keep].T)]
+  np.testing.assert_allclose(result.mask / 255.0, canvas, atol=0.5 / 255 + 1e-6)
+  full = np.zeros(host.shape, np.float32)
+  full[ys[keep], xs[keep]] = patch[tuple(inside[keep].T)]
+  expected = np.rint(host * (1 - canvas[..., None]) + full * canvas[..., None])
+  np.testing.assert_array_equal(result.image, expected.astype(np.uint8))
+  # The half-blended ring is ignored by the label rule; the object's core is tampered.
+  label = decode_label(result.mask)
+  assert (label[canvas == 0] == 0).all() and (label[canvas == 1] == 1).all()
+  assert ((label == 255) == ((canvas * 255 >= 7.5) & (canvas * 255 <= 192.5))).sum() > 0
+  assert (label[(canvas > 0) & (canvas < 0.25)] == 255).all()
+
+
+def test_colour_match_moves_the_patch_statistics_to_the_host():
+  rng = np.random.default_rng(0)
+  host = rng.normal((60, 120, 90), (10, 20, 5), (40, 40, 3)).clip(0, 255).astype(np.uint8)
+  patch = rng.normal((180, 100, 140), (25, 8, 15), (20, 16, 3)).clip(0, 255).astype(np.uint8)
+  alpha = np.ones((20, 16), bool)
+  alpha[:3] = False
+  region = host[8:28, 10:26][alpha].astype(np.float64)
+  moved = instance_forgery._match_colour(patch, alpha, host, 10, 8, 1.0)[alpha].astype(np.float64)
+  np.testing.assert_allclose(moved.mean(0), region.mean(0), atol=0.6)
+  np.testing.assert_allclose(moved.std(0), region.std(0), rtol=0.03)
+  same = instance_forgery._match_colour(patch, alpha, host, 10, 8, 0.0)
+  np.testing.assert_array_equal(same, patch)
+
+
+def test_donor_traces_keep_the_mask_exactly_the_changed_pixels():
+  host, host_objects, donor, donor_objects = host_and_objects()
+  cfg = InstanceForgeryConfig(
+    min_area=64,
+    rotation_range=30.0,
+    blur_prob=1.0,
+    noise_prob=1.0,
+    donor_jpeg_prob=1.0,
+    colour_match_prob=0.0,
+  )
+  made = [
+    instance_forgery.splice(
+      host, donor, donor_objects, np.random.default_rng(s), cfg, host_instances=host_objects
+    )
+    for s in range(12)
+  ]
+  made = [r for r in made if r is not None]
+  assert len(made) >= 8
+  plain = InstanceForgeryConfig(min_area=64)
+  for result in made:
+    mask = result.mask > 0
+    assert set(np.unique(result.mask)) <= {0, 255}
+    np.testing.assert_array_equal(mask, (result.image != host).any(-1))
+  # Rotated, blurred, noisier, recompressed: not the plain paste of the same draw.
+  again = instance_forgery.splice(
+    host, donor, donor_objects, np.random.default_rng(0), plain, host_instances=host_objects
+  )
+  assert again is None or again.image.tobytes() != made[0].image.tobytes()
+
+
+def test_native_resolution_crops_on_the_jpeg_grid_and_untouched_crops(coco_tree):
+  root, _ = coco_tree
+  folder = coco.CocoInstances(str(root))
+  cfg = InstanceForgeryConfig(native_resolution=True, authentic_prob=1.0)
+  source = instance_forgery.InstanceForgerySource(
+    folder, "splice", crop_size=32, seed=0, split_id=0, config=cfg
+  )
+  offsets = set()
+  for index in range(len(source)):
+    sample = source[index]
+    assert sample["kind"] == "authentic" and not sample["mask"].any()
+    photo = folder[index]["image"]
+    found = [
+      (y, x)
+      for y in range(HEIGHT - 31)
+      for x in range(WIDTH - 31)
+      if (photo[y : y + 32, x : x + 32] == sample["image"]).all()
+    ]
+    assert found and all(y % 8 == 0 and x % 8 == 0 for y, x in found)
+    offsets.update(found)
+  assert source.fallback_count == 0
+  # With forgeries on: the host pixels outside the paste are the photo's own, unresampled.
+  forged = instance_forgery.InstanceForgerySource(
+    folder,
+    "splice",
+    crop_size=48,
+    seed=0,
+    split_id=0,
+    config=InstanceForgeryConfig(native_resolution=True, min_area=64),
+  )[0]
+  assert forged["kind"] == "splice"
+  photo = folder[0]["image"]
+  untouched = forged["mask"] == 0
+  matches = [
+    (y, x)
+    for y in range(0, HEIGHT - 47, 8)
+    for x in range(0, WIDTH - 47, 8)
+    if (photo[y : y + 48, x : x + 48][untouched] == forged["image"][untouched]).all()
+  ]
+  assert matches
+
+
+def test_realism_switches_are_checked_and_sdg_refuses_rotation(coco_tree):
+  root, _ = coco_tree
+  for key, value in (("feather_prob", 1.5), ("noise_sigma", (3.0, 1.0)), ("rotation_range", -1)):
+    with pytest.raises(UserInputError, match=f"instance_forgery.{key}"):
+      InstanceForgeryConfig(**{key: value})
+  with pytest.raises(UserInputError, match="donor_jpeg_quality"):
+    InstanceForgeryConfig(donor_jpeg_quality=(90, 101))
+  with pytest.raises(UserInputError, match="coco_sdg: data.instance_forgery.rotation_range"):
+    sources.make_source(
+      f"coco_sdg:{root}", "train", image_size=32, instance_forgery={"rotation_range": 10.0}
+    )

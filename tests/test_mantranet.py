@@ -18,6 +18,7 @@ from miml_jax import cli, io, models
 from miml_jax.errors import UserInputError
 from miml_jax.input import sources, transforms
 from miml_jax.models import convert, keras_h5, mantranet
+from miml_jax.models.noise import bayar_project
 from test_instance_forgery import noise
 from test_tasks import coco_root  # noqa: F401 (a fixture)
 
@@ -139,7 +140,7 @@ def test_first_block_is_regular_srm_bayar_with_symmetric_padding():
 def test_bayar_projection_matches_the_keras_constraint():
   rng = np.random.default_rng(1)
   w = rng.normal(size=(5, 5, 3, 3)).astype(np.float32)
-  got = np.asarray(mantranet.bayar_project(jnp.asarray(w)))
+  got = np.asarray(bayar_project(jnp.asarray(w)))
   want = w.astype(np.float64).copy()
   for i in range(3):
     for o in range(3):
@@ -232,7 +233,7 @@ def _released_like_weights(seed=0, regular=4):
     featex[key] = (rng.normal(size=shape) * np.sqrt(2 / fan_in)).astype(np.float32)
     if key.endswith("bias:0"):
       featex[key] *= 0.1
-  featex["b1c1/bayar_kernel:0"] = np.asarray(mantranet.bayar_project(featex["b1c1/bayar_kernel:0"]))
+  featex["b1c1/bayar_kernel:0"] = np.asarray(bayar_project(featex["b1c1/bayar_kernel:0"]))
   rest = {
     "outlierTrans/kernel:0": np.asarray(
       mantranet.unit_norm(rng.normal(size=(1, 1, 256, 64)).astype(np.float32))

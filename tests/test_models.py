@@ -663,6 +663,42 @@ def test_web_iml_noise_view_widens_only_the_stem():
     jax.eval_shape(lambda: models.build_model(bad).init({"params": _key(0)}, x, train=False))
 
 
+def test_web_iml_bayar_view_is_constrained_and_blind_to_content():
+  from miml_jax import tasks
+  from miml_jax.models import noise
+
+  cfg = _tiny_config()
+  cfg.noise_view = "srm_bayar"
+  model = models.build_model(cfg)
+  x = jnp.zeros((1, 64, 64, 3))
+  params = model.init({"params": _key(0), "dropout": _key(1)}, x, train=False)["params"]
+  kernel = np.asarray(params["bayar_kernel"])
+  # 3 image + 9 SRM + 3 Bayar channels into the stem; Bayar's constraint holds from init.
+  assert kernel.shape == (5, 5, 3, 3)
+  assert params["backbone"]["downsample_layers_0_0"]["kernel"].shape == (4, 4, 15, 8)
+  np.testing.assert_allclose(kernel[2, 2], -1.0)
+  np.testing.assert_allclose(kernel.sum((0, 1)), 0.0, atol=1e-4)  # taps sum to 1, centre -1
+  # The task's projection (run after every optimiser update) restores it after a step moved it.
+  moved = {**params, "bayar_kernel": params["bayar_kernel"] + 0.3}
+  task = tasks.build(ml_collections.ConfigDict({"task": "segmentation", "model": cfg.to_dict()}))
+  projected = np.asarray(task.project(moved)["bayar_kernel"])
+  np.testing.assert_allclose(projected, np.asarray(noise.bayar_project(moved["bayar_kernel"])))
+  np.testing.assert_allclose(projected.sum((0, 1)), 0.0, atol=1e-4)
+  # Other views are left alone by the same projection.
+  plain = _tiny_config().to_dict()
+  assert web_iml.project(plain, moved) is moved
+  # A prediction-error filter passes no flat content: on a constant image its response is 0.
+  flat = jnp.full((1, 8, 8, 3), 0.7)
+  response = jax.lax.conv_general_dilated(
+    jnp.pad(flat, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect"),
+    params["bayar_kernel"],
+    (1, 1),
+    "VALID",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+  assert np.abs(np.asarray(response)).max() < 1e-4
+
+
 def test_srm_energy_is_a_local_noise_level():
   from miml_jax.models import noise
 

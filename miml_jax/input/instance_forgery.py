@@ -30,6 +30,34 @@ order, so a given rng state always gives the same forgery):
    one) stay in front: the pasted pixels under them are not written.
 6. Fewer than `min_area` pixels written (mostly clipped or hidden): the attempt fails.
 
+Realism switches (all off by default, which is the recipe above, unchanged draw for draw; each
+draws from the same rng only when it is on). Real splices rarely are hard-edged pastes of an
+object at the host's scale: the editor resamples, rotates, feathers and colour-matches the
+donor, and the donor carries another camera's noise and another JPEG history. Each switch adds
+one of those traces (docs/datasets.md, "Realistic splices"):
+
+- `rotation_range` (degrees): the cut is rotated by U(-r, r) (bilinear; a resampling trace).
+- `blur_prob` / `blur_sigma`: the donor patch is Gaussian-blurred (another lens, or the
+  editor's softening).
+- `noise_prob` / `noise_sigma`: Gaussian noise is added to the donor patch (noise-level
+  mismatch between two cameras).
+- `donor_jpeg_prob` / `donor_jpeg_quality`: the donor patch is JPEG-compressed on its own 8x8
+  grid, which the paste's offset then misaligns with the host's (non-aligned double JPEG once
+  the composite is compressed, e.g. by `input.augment.jpeg_prob`).
+- `colour_match_prob`: the patch's per-channel mean and spread move towards the host pixels it
+  covers by a strength U(0, 1) (the editor's colour balancing).
+- `feather_prob` / `feather_width` (px): the paste's alpha ramps from 0 at the object's border
+  to 1 at U(feather_width) px inside (a feathered selection). The mask is then the alpha itself
+  as grey 0..255, so the label rule (< 8 pristine, > 192 tampered, ignored between) ignores the
+  half-blended ring rather than calling it either.
+- `native_resolution`: the host and donor photos keep their own pixels (no resize to the crop
+  size, which would wash out the camera's noise and the photo's own JPEG grid) and crops start
+  on the 8-px grid, so the host's JPEG blocks stay aligned: a crop recompressed by the augment is
+  an aligned double JPEG, its pasted object (moved, rescaled) a non-aligned one.
+- `authentic_prob`: a sample is the host crop unmodified with an all-zero mask (kind
+  'authentic'), so a model also sees untouched photos with the same history (image-level
+  negatives).
+
 `InstanceForgerySource` makes one training sample per host image, deterministically per (seed,
 split, mode, index), as coco.ObjectJitterSource does for Object Jitter: the host is resized as
 there (each side to crop_size * U(resize_range)) and up to `max_attempts` random crops are tried
@@ -68,20 +96,52 @@ class InstanceForgeryConfig:
   placement_tries: int = 10
   # Crops (and, for splices, donors) tried per sample before falling back to an authentic crop.
   max_attempts: int = 10
+  # The realism switches (module docstring); the defaults switch every one off.
+  rotation_range: float = 0.0
+  blur_prob: float = 0.0
+  blur_sigma: tuple[float, float] = (0.5, 1.5)
+  noise_prob: float = 0.0
+  noise_sigma: tuple[float, float] = (1.0, 4.0)
+  donor_jpeg_prob: float = 0.0
+  donor_jpeg_quality: tuple[int, int] = (60, 95)
+  colour_match_prob: float = 0.0
+  feather_prob: float = 0.0
+  feather_width: tuple[float, float] = (1.0, 4.0)
+  native_resolution: bool = False
+  authentic_prob: float = 0.0
 
   def __post_init__(self):
     for name in ("min_side", "min_area", "placement_tries", "max_attempts"):
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise UserInputError(f"instance_forgery.{name}: expected a positive int, got {value!r}")
-    for name in ("max_object_fraction", "flip_prob", "occlude_prob"):
+    probabilities = ("max_object_fraction", "flip_prob", "occlude_prob", "blur_prob", "noise_prob")
+    probabilities += ("donor_jpeg_prob", "colour_match_prob", "feather_prob", "authentic_prob")
+    for name in probabilities:
       value = getattr(self, name)
       if not 0.0 <= value <= 1.0:
         raise UserInputError(f"instance_forgery.{name}: expected a value in [0, 1], got {value!r}")
-    low, high = self.scale_range
-    if not 0 < low <= high:
+    for name in ("scale_range", "blur_sigma", "feather_width"):
+      low, high = getattr(self, name)
+      if not 0 < low <= high:
+        raise UserInputError(
+          f"instance_forgery.{name}: expected 0 < low <= high, got {getattr(self, name)!r}"
+        )
+    low, high = self.noise_sigma
+    if not 0 <= low <= high:
       raise UserInputError(
-        f"instance_forgery.scale_range: expected 0 < low <= high, got {self.scale_range!r}"
+        f"instance_forgery.noise_sigma: expected 0 <= low <= high, got {self.noise_sigma!r}"
+      )
+    low, high = self.donor_jpeg_quality
+    if not 1 <= low <= high <= 100:
+      raise UserInputError(
+        "instance_forgery.donor_jpeg_quality: expected 1 <= low <= high <= 100, got "
+        f"{self.donor_jpeg_quality!r}"
+      )
+    if not 0 <= self.rotation_range <= 180:
+      raise UserInputError(
+        f"instance_forgery.rotation_range: expected degrees in [0, 180], got "
+        f"{self.rotation_range!r}"
       )
 
   @classmethod
@@ -94,7 +154,9 @@ class Forgery:
   """One splice or copy-move: the result and how it was made."""
 
   image: np.ndarray  # uint8 (H, W, 3), the composite
-  mask: np.ndarray  # uint8 (H, W) in {0, 255}: exactly the pixels written
+  # uint8 (H, W): exactly the pixels written, 255 (hard paste) or the paste's alpha as grey
+  # 1..255 (feathered), 0 elsewhere.
+  mask: np.ndarray
   object_index: int  # index of the pasted object in the instances it came from
   scale: float
   flip: bool
@@ -154,24 +216,107 @@ def paste(
 ) -> tuple[np.ndarray, np.ndarray]:
   """Pastes `patch` where `alpha` is set, its top-left at (x, y), onto a copy of `host`.
 
-  The patch may lie partly (or wholly) outside the host: what falls outside is dropped. Pixels
+  `alpha` is bool (a hard paste) or float in [0, 1] (a blend, host * (1 - a) + patch * a). The
+  patch may lie partly (or wholly) outside the host: what falls outside is dropped. Pixels
   where `occluder` (bool (H, W)) is set are not written.
 
   Returns:
-    (image, written): the composite, and bool (H, W), exactly the pixels written.
+    (image, written): the composite, and (H, W) the alpha each host pixel got: bool for a bool
+    `alpha` (exactly the pixels written), float32 otherwise (0 where nothing was written).
   """
   height, width = host.shape[:2]
-  out, written = host.copy(), np.zeros((height, width), bool)
+  soft = alpha.dtype != bool
+  out = host.copy()
+  written = np.zeros((height, width), np.float32 if soft else bool)
   x0, y0 = max(0, x), max(0, y)
   x1, y1 = min(width, x + patch.shape[1]), min(height, y + patch.shape[0])
   if x0 >= x1 or y0 >= y1:
     return out, written
   visible = alpha[y0 - y : y1 - y, x0 - x : x1 - x].copy()
   if occluder is not None:
-    visible &= ~occluder[y0:y1, x0:x1]
-  np.copyto(out[y0:y1, x0:x1], patch[y0 - y : y1 - y, x0 - x : x1 - x], where=visible[..., None])
+    visible[occluder[y0:y1, x0:x1]] = 0
+  source = patch[y0 - y : y1 - y, x0 - x : x1 - x]
+  if soft:
+    weight = visible[..., None].astype(np.float32)
+    blend = out[y0:y1, x0:x1] * (1.0 - weight) + source * weight
+    out[y0:y1, x0:x1] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+  else:
+    np.copyto(out[y0:y1, x0:x1], source, where=visible[..., None])
   written[y0:y1, x0:x1] = visible
   return out, written
+
+
+def _rotate(patch: np.ndarray, alpha: np.ndarray, degrees: float):
+  """The cut rotated by `degrees` about its centre on a canvas that holds all of it (bilinear;
+  the mask bilinear as a float, > 0.5), trimmed to the rotated mask's tight box; None if empty."""
+  height, width = alpha.shape
+  matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), degrees, 1.0)
+  cos, sin = abs(matrix[0, 0]), abs(matrix[0, 1])
+  new_w = int(np.ceil(height * sin + width * cos))
+  new_h = int(np.ceil(height * cos + width * sin))
+  matrix[0, 2] += (new_w - width) / 2
+  matrix[1, 2] += (new_h - height) / 2
+  patch = cv2.warpAffine(patch, matrix, (new_w, new_h), flags=cv2.INTER_LINEAR)
+  alpha = cv2.warpAffine(alpha.astype(np.float32), matrix, (new_w, new_h)) > 0.5
+  bx, by, bw, bh = cv2.boundingRect(alpha.view(np.uint8))
+  if bw == 0 or bh == 0:
+    return None
+  return (
+    np.ascontiguousarray(patch[by : by + bh, bx : bx + bw]),
+    np.ascontiguousarray(alpha[by : by + bh, bx : bx + bw]),
+  )
+
+
+def _match_colour(patch, alpha, host, x, y, strength):
+  """Moves the patch's per-channel mean and standard deviation (over its object pixels) by
+  `strength` towards those of the host pixels the object will cover (its in-host part)."""
+  height, width = host.shape[:2]
+  x0, y0 = max(0, x), max(0, y)
+  x1, y1 = min(width, x + patch.shape[1]), min(height, y + patch.shape[0])
+  covered = alpha[y0 - y : y1 - y, x0 - x : x1 - x]
+  if x0 >= x1 or y0 >= y1 or not covered.any():
+    return patch
+  target = host[y0:y1, x0:x1][covered].astype(np.float32)
+  own = patch[alpha].astype(np.float32)
+  # Spreads floored at 1 grey level: a flat patch is shifted, never divided by zero.
+  mean, std = own.mean(0), np.maximum(own.std(0), 1.0)
+  new_mean = (1 - strength) * mean + strength * target.mean(0)
+  new_std = std ** (1 - strength) * np.maximum(target.std(0), 1.0) ** strength
+  moved = (patch.astype(np.float32) - mean) * (new_std / std) + new_mean
+  return np.clip(np.rint(moved), 0, 255).astype(np.uint8)
+
+
+def _feather(alpha: np.ndarray, width: float) -> np.ndarray:
+  """A bool mask's alpha ramped from 1 / width at its border to 1 at `width` px inside."""
+  inside = cv2.distanceTransform(
+    np.pad(alpha.view(np.uint8), 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE
+  )[1:-1, 1:-1]
+  return np.clip(inside / width, 0.0, 1.0).astype(np.float32)
+
+
+def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+  ok, data = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+  assert ok
+  return cv2.imdecode(data, cv2.IMREAD_COLOR)[:, :, ::-1]
+
+
+def _realise(host, patch, alpha, x, y, rng, cfg):
+  """The donor-side and blending switches (blur, noise, donor JPEG, colour match, feather) on a
+  patch placed at (x, y); each draws only when on. Returns (patch, alpha: bool or float)."""
+  if cfg.blur_prob and rng.random() < cfg.blur_prob:
+    patch = cv2.GaussianBlur(patch, (0, 0), float(rng.uniform(*cfg.blur_sigma)))
+  if cfg.noise_prob and rng.random() < cfg.noise_prob:
+    sigma = float(rng.uniform(*cfg.noise_sigma))
+    noisy = patch + rng.normal(0.0, sigma, patch.shape).astype(np.float32)
+    patch = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+  if cfg.donor_jpeg_prob and rng.random() < cfg.donor_jpeg_prob:
+    low, high = cfg.donor_jpeg_quality
+    patch = _jpeg(np.ascontiguousarray(patch), int(rng.integers(low, high + 1)))
+  if cfg.colour_match_prob and rng.random() < cfg.colour_match_prob:
+    patch = _match_colour(patch, alpha, host, x, y, float(rng.uniform(0.0, 1.0)))
+  if cfg.feather_prob and rng.random() < cfg.feather_prob:
+    alpha = _feather(alpha, float(rng.uniform(*cfg.feather_width)))
+  return patch, alpha
 
 
 def _candidates(
@@ -213,6 +358,11 @@ def _choose_and_cut(
   if cut is None:
     return None
   patch, alpha = cut
+  if cfg.rotation_range:
+    rotated = _rotate(patch, alpha, float(rng.uniform(-cfg.rotation_range, cfg.rotation_range)))
+    if rotated is None:
+      return None
+    patch, alpha = rotated
   count = int(np.count_nonzero(alpha))
   if (
     min(alpha.shape) < cfg.min_side
@@ -235,12 +385,17 @@ def _finish(pasted, host_objects, index, scale, flip, x, y, rng, cfg, exclude=No
   if occluded and len(host_objects):
     keep = [k for k in range(len(host_objects)) if k != exclude]
     occluder = np.any(host_objects[keep] != 0, axis=0) if keep else None
+  patch, alpha = _realise(host, patch, alpha, x, y, rng, cfg)
   image, written = paste(host, patch, alpha, x, y, occluder)
-  if np.count_nonzero(written) < cfg.min_area:
+  if np.count_nonzero(written >= 0.5) < cfg.min_area:
     return None
+  if written.dtype == bool:
+    mask = written.astype(np.uint8) * np.uint8(255)
+  else:  # The alpha as grey, and at least 1 wherever anything was written.
+    mask = np.where(written > 0, np.maximum(np.rint(written * 255), 1), 0).astype(np.uint8)
   return Forgery(
     image=image,
-    mask=written.astype(np.uint8) * np.uint8(255),
+    mask=mask,
     object_index=index,
     scale=scale,
     flip=flip,
@@ -375,27 +530,37 @@ class InstanceForgerySource:
   def __len__(self) -> int:
     return len(self.instances)
 
+  def _prepared(self, item, rng):
+    """A photo and its objects as forgeries are made on: resized by the resize rule, or as
+    they are (`native_resolution`); padded up to the crop either way."""
+    image, objects = item["image"], item["instances"]
+    if not self.config.native_resolution:
+      image, objects = coco.random_resize(image, objects, rng, self.crop_size, self.resize_range)
+    return coco.pad_to_crop(image, objects, self.crop_size)
+
+  def _corner(self, length: int, rng) -> int:
+    """A crop's offset along a side of `length` px; on the 8-px JPEG grid at native resolution."""
+    room = length - self.crop_size
+    if self.config.native_resolution:
+      return 8 * int(rng.integers(0, room // 8 + 1))
+    return int(rng.integers(0, room + 1))
+
   def __getitem__(self, index: int) -> dict:
     index = int(index)
     rng = np.random.default_rng([self.seed, self.split_id, _MODE_STREAMS[self.mode], index])
     host = self.instances[index]
     size = self.crop_size
-    image, objects = coco.random_resize(
-      host["image"], host["instances"], rng, size, self.resize_range
-    )
-    image, objects = coco.pad_to_crop(image, objects, size)
-    for _ in range(self.config.max_attempts):
-      y = int(rng.integers(0, image.shape[0] - size + 1))
-      x = int(rng.integers(0, image.shape[1] - size + 1))
+    image, objects = self._prepared(host, rng)
+    untouched = bool(self.config.authentic_prob and rng.random() < self.config.authentic_prob)
+    for _ in range(0 if untouched else self.config.max_attempts):
+      y, x = self._corner(image.shape[0], rng), self._corner(image.shape[1], rng)
       crop = np.ascontiguousarray(image[y : y + size, x : x + size])
       crop_objects = objects[:, y : y + size, x : x + size]
       if self.mode == "splice":
         # Any image but the host, uniformly.
         donor_index = (index + 1 + int(rng.integers(len(self) - 1))) % len(self)
         donor = self.instances[donor_index]
-        donor_image, donor_objects = coco.random_resize(
-          donor["image"], donor["instances"], rng, size, self.resize_range
-        )
+        donor_image, donor_objects = self._prepared(donor, rng)
         result = splice(crop, donor_image, donor_objects, rng, self.config, crop_objects)
         donor_name = donor["name"]
       else:
@@ -412,7 +577,11 @@ class InstanceForgerySource:
           sample["source_mask"] = result.source_mask
         break
     else:
-      self.fallback_count += 1
+      if untouched:  # Asked for (authentic_prob), not a fallback.
+        y, x = self._corner(image.shape[0], rng), self._corner(image.shape[1], rng)
+        crop = np.ascontiguousarray(image[y : y + size, x : x + size])
+      else:
+        self.fallback_count += 1
       sample = {
         "image": crop,
         "mask": np.zeros((size, size), np.uint8),

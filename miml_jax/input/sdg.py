@@ -103,6 +103,13 @@ class SDGSource:
       raise UserInputError(
         f"coco_sdg: resize_range: expected 0 < low <= high, got {resize_range!r}"
       )
+    for name in ("rotation_range", "native_resolution", "authentic_prob"):
+      # The donor mask on A is rebuilt from the paste's scale, mirror and place (donor_region),
+      # which a rotation would break; crops and fallbacks here follow their own rules.
+      if getattr(config, name):
+        raise UserInputError(
+          f"coco_sdg: data.instance_forgery.{name} is not supported for SDG pairs (set it to 0)"
+        )
     if len(instances) < 2:
       raise UserInputError(
         f"{instances!r}: coco_sdg needs at least 2 images with objects (a photo to paste "

@@ -90,7 +90,10 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
   "web_iml": ModelSpec(
-    WebIML.from_config, "segmentation", lambda m: _image_input(m.backbone.in_chans)
+    WebIML.from_config,
+    "segmentation",
+    lambda m: _image_input(m.backbone.in_chans),
+    web_iml.project,
   ),
   "apsc_net": ModelSpec(_build_apsc_net, "segmentation", lambda m: _image_input(m.in_chans)),
   "upernet": ModelSpec(

@@ -58,8 +58,6 @@ from miml_jax.input.transforms import IMAGENET_MEAN, IMAGENET_STD
 from miml_jax.models import keras_h5, noise
 from miml_jax.models.common import as_dict, resolve_dtype
 
-# Keras' K.epsilon(), which its Bayar and unit_norm constraints add to their denominators.
-KERAS_EPSILON = 1e-7
 # GlobalStd2D: std floor = min_std_val / 10 + min_std, min_std initialised to min_std_val.
 MIN_STD_VALUE = 1e-5
 _FEATEX_BLOCKS = (  # (layer name, multiple of base) after b1c1, in order.
@@ -111,19 +109,9 @@ def srm_kernel() -> np.ndarray:
   return out
 
 
-def bayar_project(w: jax.Array) -> jax.Array:
-  """Keras' BayarConstraint on a (kh, kw, in, out) kernel: centre tap 0, the others divided by
-  their sum (+ K.epsilon()) per (in, out) pair, then the centre set to -1."""
-  kh, kw = w.shape[:2]
-  mask = jnp.zeros((kh, kw, 1, 1), w.dtype).at[kh // 2, kw // 2].set(1)
-  w = w * (1 - mask)
-  w = w / (jnp.sum(w, axis=(0, 1), keepdims=True) + KERAS_EPSILON)
-  return w - mask
-
-
 def unit_norm(w: jax.Array, axis: int = -2) -> jax.Array:
   """Keras' unit_norm constraint: w / (K.epsilon() + ||w|| over `axis`)."""
-  return w / (KERAS_EPSILON + jnp.sqrt(jnp.sum(jnp.square(w), axis=axis, keepdims=True)))
+  return w / (noise.KERAS_EPSILON + jnp.sqrt(jnp.sum(jnp.square(w), axis=axis, keepdims=True)))
 
 
 def project(model_config: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
@@ -132,7 +120,7 @@ def project(model_config: Mapping[str, Any], params: Mapping[str, Any]) -> dict:
   params = dict(params)
   featex = dict(params["Featex"])
   b1c1 = dict(featex["b1c1"])
-  b1c1["bayar_kernel"] = bayar_project(b1c1["bayar_kernel"])
+  b1c1["bayar_kernel"] = noise.bayar_project(b1c1["bayar_kernel"])
   featex["b1c1"] = b1c1
   params["Featex"] = featex
   params["outlierTrans"] = {"kernel": unit_norm(params["outlierTrans"]["kernel"])}

@@ -4,6 +4,8 @@ Manipulations rarely change colours; they change local noise, compression and re
 statistics. The SRM kernels (a 3x3 second-order, the 5x5 "KV" and a 1-D second-order filter),
 each applied to R, G and B, expose those statistics as 9 residual channels. ManTraNet uses them
 in its first layer; Web-IML can take them as an extra input view (`model.noise_view='srm'`).
+Bayar's constrained kernels (`bayar_project`) are the learned counterpart: each is a
+prediction-error filter (centre -1, the other taps summing to 1) that cannot pass image content.
 """
 
 import jax
@@ -28,6 +30,19 @@ _K2 = (
 _K3 = np.zeros((5, 5), np.float32)
 _K3[2, 1:4] = np.array([1, -2, 1], np.float32) / 2.0
 SRM_KERNELS = np.stack([_K1, _K2, _K3])  # (3, 5, 5)
+# Keras' K.epsilon(), which the Bayar (and ManTra-Net's unit_norm) constraint adds to its
+# denominator.
+KERAS_EPSILON = 1e-7
+
+
+def bayar_project(w: jax.Array) -> jax.Array:
+  """Keras' BayarConstraint on a (kh, kw, in, out) kernel: centre tap 0, the others divided by
+  their sum (+ K.epsilon()) per (in, out) pair, then the centre set to -1."""
+  kh, kw = w.shape[:2]
+  mask = jnp.zeros((kh, kw, 1, 1), w.dtype).at[kh // 2, kw // 2].set(1)
+  w = w * (1 - mask)
+  w = w / (jnp.sum(w, axis=(0, 1), keepdims=True) + KERAS_EPSILON)
+  return w - mask
 
 
 def srm_residuals(x: jax.Array) -> jax.Array:

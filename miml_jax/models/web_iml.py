@@ -77,6 +77,23 @@ class BackboneConfig:
     return cls(name=name, dims=dims, depths=depths, **d)
 
 
+# Learned residual filters of noise_view 'srm_bayar' (ManTra-Net's count).
+BAYAR_FILTERS = 3
+
+
+def _bayar_init(key, shape, dtype=jnp.float32):
+  # Glorot-uniform, as Keras initialises ManTra-Net's, then constrained from the start.
+  return noise.bayar_project(nn.initializers.glorot_uniform()(key, shape, dtype))
+
+
+def project(model_config: Mapping[str, Any], params: Mapping[str, Any]) -> Any:
+  """Bayar's constraint on `bayar_kernel` after every update (ModelSpec.project); the identity
+  for the other noise views."""
+  if common.as_dict(model_config).get("noise_view") != "srm_bayar":
+    return params
+  return {**params, "bayar_kernel": noise.bayar_project(params["bayar_kernel"])}
+
+
 class WebIML(nn.Module):
   """Configurable backbone + APSCHead; `__call__(x, train)` -> dict(logits, aux, image_logits).
 
@@ -89,7 +106,8 @@ class WebIML(nn.Module):
   head: apsc_net.APSCHeadConfig = apsc_net.APSCHeadConfig()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  # 'srm': the stem also sees the SRM residuals of each input channel (3 per channel).
+  # 'srm': the stem also sees the SRM residuals of each input channel (3 per channel);
+  # 'srm_bayar': those and 3 learned Bayar-constrained residual filters.
   noise_view: str = "none"
   noise_view_gain: float = 10.0
   # Widths of full-resolution 3x3 conv + GELU layers before the backbone's stem; () = none.
@@ -126,9 +144,25 @@ class WebIML(nn.Module):
       x = jnp.concatenate(
         [x, (noise.srm_residuals(x) * self.noise_view_gain).astype(x.dtype)], axis=-1
       )
+    elif self.noise_view == "srm_bayar":
+      # The SRM residuals and 3 learned Bayar-constrained 5x5 residual filters (ManTra-Net's
+      # first-layer views; the constraint is `project`, applied after every update), both
+      # scaled as above.
+      kernel = self.param(
+        "bayar_kernel", _bayar_init, (5, 5, x.shape[-1], BAYAR_FILTERS), self.param_dtype
+      )
+      bayar = jax.lax.conv_general_dilated(
+        jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect"),
+        kernel.astype(x.dtype),
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )
+      residuals = jnp.concatenate([noise.srm_residuals(x).astype(x.dtype), bayar], axis=-1)
+      x = jnp.concatenate([x, residuals * self.noise_view_gain], axis=-1)
     elif self.noise_view != "none":
       raise UserInputError(
-        f"model.noise_view: {self.noise_view!r} is not 'none', 'srm' or 'srm_energy'"
+        f"model.noise_view: {self.noise_view!r} is not 'none', 'srm', 'srm_bayar' or 'srm_energy'"
       )
     for i, width in enumerate(self.trace_stem):
       # Our addition (not in APSC-Net). ConvNeXt's stem is a linear 4x4/4 conv followed by a

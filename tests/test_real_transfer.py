@@ -1,0 +1,124 @@
+"""experiments/real_transfer.py: each ablation differs from the recipe in exactly the switches it
+names; the tiny variant trains on generated COCO photos through `miml-jax train`; and
+experiments/reports/transfer_table.py scores the run on a real-style set (tampered images with
+masks and authentic negatives) once, and tabulates it."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from miml_jax import cli, io
+from miml_jax import config as config_lib
+from miml_jax.input.instance_forgery import InstanceForgeryConfig
+from test_tasks import EXPERIMENTS, coco_root, noise  # noqa: F401 (a fixture)
+
+CONFIG = os.path.join(EXPERIMENTS, "real_transfer.py")
+sys.path.insert(0, os.path.join(EXPERIMENTS, "reports"))
+import transfer_table  # noqa: E402
+
+
+def _recipe(variant: str):
+  config = config_lib.load_config(f"{CONFIG}:{variant}")
+  forgery = InstanceForgeryConfig.from_config(config.data.instance_forgery)
+  return config, forgery
+
+
+def test_each_ablation_changes_only_what_it_names():
+  base, base_forgery = _recipe("realistic")
+  assert base_forgery.native_resolution and base_forgery.feather_prob > 0
+  assert base.input.augment.jpeg_prob > 0 and base.input.augment.resize_range == (1.0, 1.0)
+  expected = {
+    "no_native": {"native_resolution"},
+    "no_feather": {"feather_prob"},
+    "no_colour_match": {"colour_match_prob"},
+    "no_donor_traces": {"blur_prob", "noise_prob", "donor_jpeg_prob"},
+    "no_resampling": {"scale_range", "rotation_range"},
+    "no_authentic": {"authentic_prob"},
+  }
+  for variant, keys in expected.items():
+    config, forgery = _recipe(variant)
+    changed = {
+      k for k in base.data.instance_forgery if getattr(forgery, k) != getattr(base_forgery, k)
+    }
+    assert changed == keys, variant
+    assert config.data.train == base.data.train and config.model == base.model
+  # hard_paste is the library's default recipe, with no final JPEG.
+  hard, hard_forgery = _recipe("hard_paste")
+  assert hard_forgery == InstanceForgeryConfig() and hard.input.augment.jpeg_prob == 0
+  final, _ = _recipe("no_final_jpeg")
+  assert final.input.augment.jpeg_prob == 0 and final.data == base.data
+  assert "coco:" not in _recipe("no_jitter")[0].data.train
+  assert "coco_splice" not in _recipe("no_splice")[0].data.train
+  assert "coco_copymove" not in _recipe("no_copymove")[0].data.train
+  wide, _ = _recipe("wide")
+  assert wide.model.backbone.dims != base.model.backbone.dims and wide.data == base.data
+  bayar, _ = _recipe("bayar")
+  assert bayar.model.noise_view == "srm_bayar" and bayar.data == base.data
+  assert _recipe("bayar:full")[0].model.noise_view == "srm_bayar"
+  seeded, _ = _recipe("no_feather:seed1")
+  assert seeded.seed == seeded.data.seed == 1
+  full, full_forgery = _recipe("no_feather:full")
+  assert full.model.backbone.preset == "base" and full.input.augment.crop_size == 512
+  assert full_forgery == _recipe("no_feather")[1] and "tfds:mimlv2" in full.data.train
+  with pytest.raises(Exception, match="unknown variant part 'huge'"):
+    config_lib.load_config(f"{CONFIG}:huge")
+
+
+@pytest.fixture
+def real_style_set(tmp_path):
+  """Two 'tampered' images with masks and two authentic ones, as an IMDLBenCo JSON list."""
+  root = tmp_path / "real"
+  root.mkdir()
+  entries = []
+  for k in range(2):
+    image = noise(64, 96, 50 + k)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[10:40, 20 + 10 * k : 60] = 255
+    image[mask > 0] = noise(64, 96, 70 + k)[mask > 0] // 2
+    io.write_image(str(root / f"t{k}.png"), image)
+    io.write_image(str(root / f"t{k}_gt.png"), mask)
+    io.write_image(str(root / f"a{k}.png"), noise(64, 96, 90 + k))
+    entries += [[f"t{k}.png", f"t{k}_gt.png"], [f"a{k}.png", "Negative"]]
+  listing = root / "list.json"
+  listing.write_text(json.dumps(entries))
+  return f"benco:{listing}"
+
+
+@pytest.mark.slow
+def test_tiny_run_trains_and_is_tabulated(coco_root, real_style_set, tmp_path, capsys):  # noqa: F811
+  workdir = tmp_path / "run"
+  code = cli.main(
+    [
+      "train",
+      "--config",
+      f"{CONFIG}:tiny",
+      "--workdir",
+      str(workdir),
+      f"--config.data.train=coco_splice:{coco_root}+coco_copymove:{coco_root}+coco:{coco_root}",
+      f"--config.data.validation=coco_splice:{coco_root}",
+    ]
+  )
+  _, err = capsys.readouterr()
+  assert code == 0, err[-3000:]
+  assert "step 3/3" in err
+  out_json = tmp_path / "table.json"
+  args = ["--run", f"tiny={workdir}", "--data", real_style_set, "--out", str(out_json)]
+  transfer_table.main(args)
+  out, _ = capsys.readouterr()
+  rows = [line for line in out.splitlines() if line.startswith("| tiny |")]
+  assert len(rows) == 1 and "| 1 | 3 |" in rows[0]
+  table = json.loads(out_json.read_text())
+  [run] = table["tiny"]["runs"]
+  metrics = json.loads((workdir / "real_eval" / "metrics.json").read_text())
+  assert run["iou"] == metrics["summary"]["iou"] and run["steps"] == 3
+  assert table["trivial"]["all_one"]["iou"] > 0 and "| all_one |" in out
+  assert metrics["image_level"]["max"]["num_authentic"] == 2
+  # A second call reuses the saved report instead of scoring again.
+  stamp = os.path.getmtime(workdir / "real_eval" / "metrics.json")
+  transfer_table.main(args)
+  assert os.path.getmtime(workdir / "real_eval" / "metrics.json") == stamp
+  with pytest.raises(SystemExit, match="not benco:"):
+    transfer_table.main(["--run", f"tiny={workdir}", "--data", "benco:/elsewhere.json"])
