@@ -73,6 +73,7 @@ import os
 import ml_collections
 
 import common
+import quickstart
 import web_iml_pod
 
 COCO = "../shared/data/coco_mini"
@@ -193,41 +194,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ),
   )
 
-  dims = (24, 48, 96, 192) if ablation == "wide" else (16, 32, 64, 128)
-  c.model = dict(
-    name="web_iml",
-    dtype="float32",
-    noise_view="srm_bayar" if ablation == "bayar" else "srm",
-    noise_view_gain=10.0,
-    trace_stem=(16, 16),
-    backbone=dict(
-      name="convnext",
-      preset=None,
-      dims=dims,
-      depths=(1, 1, 2, 1),
-      in_chans=3,
-      drop_path_rate=0.0,
-      layer_scale_init_value=1.0,
-    ),
-    head=dict(
-      channels=32,
-      pool_scales=(1, 2, 3, 6),
-      fusion="se",
-      se_reduction=8,
-      feat0_channels=16,
-      c1_channels=8,
-      aspp_dilations=(1, 2, 4, 6),
-      rectify_passes=1,
-      kernel_size=7,
-      kernel_gen_size=16,
-      kernel_gen_dims=(8, 16, 32, 32, 32),
-      cse_reduction=8,
-      dropout=0.1,
-      image_head=True,
-      image_head_dims=(32, 32, 32),
-      num_classes=2,
-    ),
-  )
+  # The quickstart's tiny Web-IML (SRM noise view, full-resolution trace stem, one
+  # rectification pass, image head), unchanged unless an ablation names it.
+  c.model = quickstart.get_config().model
+  if ablation == "wide":
+    c.model.backbone.dims = (24, 48, 96, 192)
+  if ablation == "bayar":
+    c.model.noise_view = "srm_bayar"
   c.loss = common.loss(ohem_min_kept=65_536, dice_weight=1.0)
   c.optim = common.optim(steps, lr=2e-3, layer_decay=1.0, warmup_steps=100)
   c.mesh = common.mesh()

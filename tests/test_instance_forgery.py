@@ -616,8 +616,8 @@ def test_feathered_paste_blends_by_the_distance_to_the_border():
   # The half-blended ring is ignored by the label rule; the object's core is tampered.
   label = decode_label(result.mask)
   assert (label[canvas == 0] == 0).all() and (label[canvas == 1] == 1).all()
-  assert ((label == 255) == ((canvas * 255 >= 7.5) & (canvas * 255 <= 192.5))).sum() > 0
-  assert (label[(canvas > 0) & (canvas < 0.25)] == 255).all()
+  ring = (canvas > 0) & (canvas < 0.75)  # 1 to 2 px inside the border at width 4
+  assert ring.any() and (label[ring] == 255).all()
 
 
 def test_colour_match_moves_the_patch_statistics_to_the_host():
@@ -661,7 +661,7 @@ def test_donor_traces_keep_the_mask_exactly_the_changed_pixels():
   again = instance_forgery.splice(
     host, donor, donor_objects, np.random.default_rng(0), plain, host_instances=host_objects
   )
-  assert again is None or again.image.tobytes() != made[0].image.tobytes()
+  assert again is not None and again.image.tobytes() != made[0].image.tobytes()
 
 
 def test_native_resolution_crops_on_the_jpeg_grid_and_untouched_crops(coco_tree):
@@ -671,7 +671,6 @@ def test_native_resolution_crops_on_the_jpeg_grid_and_untouched_crops(coco_tree)
   source = instance_forgery.InstanceForgerySource(
     folder, "splice", crop_size=32, seed=0, split_id=0, config=cfg
   )
-  offsets = set()
   for index in range(len(source)):
     sample = source[index]
     assert sample["kind"] == "authentic" and not sample["mask"].any()
@@ -683,7 +682,6 @@ def test_native_resolution_crops_on_the_jpeg_grid_and_untouched_crops(coco_tree)
       if (photo[y : y + 32, x : x + 32] == sample["image"]).all()
     ]
     assert found and all(y % 8 == 0 and x % 8 == 0 for y, x in found)
-    offsets.update(found)
   assert source.fallback_count == 0
   # With forgeries on: the host pixels outside the paste are the photo's own, unresampled.
   forged = instance_forgery.InstanceForgerySource(

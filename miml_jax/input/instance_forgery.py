@@ -73,7 +73,7 @@ import numpy as np
 
 from miml_jax import config as config_lib
 from miml_jax.errors import UserInputError
-from miml_jax.input import coco
+from miml_jax.input import coco, transforms
 
 MODES = ("splice", "copy_move")
 # Part of the seed, so the splice, copy-move and Object Jitter (seeded without it) streams of one
@@ -168,6 +168,17 @@ class Forgery:
   source_mask: np.ndarray | None = None
 
 
+def _trim(patch: np.ndarray, alpha: np.ndarray):
+  """(patch, alpha) cut to the tight box of the bool `alpha`; None if it is empty."""
+  bx, by, bw, bh = cv2.boundingRect(alpha.view(np.uint8))
+  if bw == 0 or bh == 0:
+    return None
+  return (
+    np.ascontiguousarray(patch[by : by + bh, bx : bx + bw]),
+    np.ascontiguousarray(alpha[by : by + bh, bx : bx + bw]),
+  )
+
+
 def cut_object(image: np.ndarray, instance: np.ndarray, scale: float = 1.0, flip: bool = False):
   """An object cut out of `image` by its mask: (patch, alpha) or None if the mask is empty.
 
@@ -197,13 +208,7 @@ def cut_object(image: np.ndarray, instance: np.ndarray, scale: float = 1.0, flip
   alpha = alpha > 0.5
   if flip:
     patch, alpha = patch[:, ::-1], alpha[:, ::-1]
-  bx, by, bw, bh = cv2.boundingRect(alpha.view(np.uint8))
-  if bw == 0 or bh == 0:
-    return None
-  return (
-    np.ascontiguousarray(patch[by : by + bh, bx : bx + bw]),
-    np.ascontiguousarray(alpha[by : by + bh, bx : bx + bw]),
-  )
+  return _trim(patch, alpha)
 
 
 def paste(
@@ -258,13 +263,7 @@ def _rotate(patch: np.ndarray, alpha: np.ndarray, degrees: float):
   matrix[1, 2] += (new_h - height) / 2
   patch = cv2.warpAffine(patch, matrix, (new_w, new_h), flags=cv2.INTER_LINEAR)
   alpha = cv2.warpAffine(alpha.astype(np.float32), matrix, (new_w, new_h)) > 0.5
-  bx, by, bw, bh = cv2.boundingRect(alpha.view(np.uint8))
-  if bw == 0 or bh == 0:
-    return None
-  return (
-    np.ascontiguousarray(patch[by : by + bh, bx : bx + bw]),
-    np.ascontiguousarray(alpha[by : by + bh, bx : bx + bw]),
-  )
+  return _trim(patch, alpha)
 
 
 def _match_colour(patch, alpha, host, x, y, strength):
@@ -294,12 +293,6 @@ def _feather(alpha: np.ndarray, width: float) -> np.ndarray:
   return np.clip(inside / width, 0.0, 1.0).astype(np.float32)
 
 
-def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
-  ok, data = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-  assert ok
-  return cv2.imdecode(data, cv2.IMREAD_COLOR)[:, :, ::-1]
-
-
 def _realise(host, patch, alpha, x, y, rng, cfg):
   """The donor-side and blending switches (blur, noise, donor JPEG, colour match, feather) on a
   patch placed at (x, y); each draws only when on. Returns (patch, alpha: bool or float)."""
@@ -311,7 +304,7 @@ def _realise(host, patch, alpha, x, y, rng, cfg):
     patch = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
   if cfg.donor_jpeg_prob and rng.random() < cfg.donor_jpeg_prob:
     low, high = cfg.donor_jpeg_quality
-    patch = _jpeg(np.ascontiguousarray(patch), int(rng.integers(low, high + 1)))
+    patch = transforms.jpeg_roundtrip(np.ascontiguousarray(patch), int(rng.integers(low, high + 1)))
   if cfg.colour_match_prob and rng.random() < cfg.colour_match_prob:
     patch = _match_colour(patch, alpha, host, x, y, float(rng.uniform(0.0, 1.0)))
   if cfg.feather_prob and rng.random() < cfg.feather_prob:
