@@ -104,6 +104,25 @@ class SegmentationLossConfig:
   # The image head's CE, when the model has one. Required: the trainer has always read it
   # directly, and a default would silently leave an image head untrained (or train one).
   image_weight: float = config_lib.setting(ge=0)
+  # Detection from the map itself: BCE of "any pixel tampered" against the mean of the final
+  # output's `map_detection_topk` share of highest tampered-minus-pristine logits, a smooth
+  # version of the map maximum an image-level detector reads. Unlike the image head's term, its
+  # gradient reaches the backbone: an untouched photo must keep its whole map low. 0: off.
+  map_detection_weight: float = config_lib.setting(0.0, ge=0)
+  map_detection_topk: float = config_lib.setting(0.01, gt=0, le=1)
+
+
+def map_detection_loss(logits, image_labels, topk: float = 0.01):
+  """BCE of per-image labels (B,) {0, 1} against the mean of the `topk` share (at least one
+  pixel) of the largest tampered-minus-pristine logits of (B, h, w, 2) logits, at the logits'
+  own resolution (the pooled score does not need the labels' size)."""
+  margin = logits[..., 1].astype(jnp.float32) - logits[..., 0].astype(jnp.float32)
+  margin = margin.reshape(margin.shape[0], -1)
+  k = max(1, int(round(topk * margin.shape[1])))
+  score = jax.lax.top_k(margin, k)[0].mean(axis=1)
+  # -log sigmoid(score) for tampered images, -log sigmoid(-score) for untouched ones.
+  signed = jnp.where(image_labels > 0, score, -score)
+  return jnp.mean(jax.nn.softplus(-signed))
 
 
 def segmentation_loss(outputs: dict, labels: jnp.ndarray, config) -> tuple[jnp.ndarray, dict]:

@@ -197,6 +197,35 @@ def test_bench_command_writes_json(tmp_path, capsys):
   assert "tiny_upernet" in capsys.readouterr().out
 
 
+def test_annotate_cost_counts_flops_and_estimates_from_them(tmp_path, capsys):
+  import os
+  import sys
+
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+  import annotate_cost
+
+  out = tmp_path / "cost.json"
+  argv = ["--tiny", "--batch", "2", "--annotators", "classifier,dass,corr_dino", "--out", str(out)]
+  assert annotate_cost.main(argv + ["--mfu", "0.5", "--spg-share", "0.25"]) == 0
+  result = json.loads(out.read_text())
+  rows = result["annotators"]
+  assert all(rows[name]["flops_per_pair"] > 0 for name in ("classifier", "dass", "corr_dino"))
+  (estimate,) = result["estimates"]  # SACM was not measured: no SACM estimate.
+  per_pair = rows["classifier"]["flops_per_pair"]
+  per_pair += 0.25 * rows["dass"]["flops_per_pair"] + 0.75 * rows["corr_dino"]["flops_per_pair"]
+  assert estimate["flops_per_pair"] == pytest.approx(per_pair)
+  h100 = estimate["accelerators"]["H100"]
+  assert h100["pairs_per_s"] == pytest.approx(989e12 * 0.5 / per_pair)
+  assert "hours per million pairs" in capsys.readouterr().out
+  # --time runs the compiled step and reports what it measured.
+  timed = ["--tiny", "--batch", "2", "--annotators", "classifier", "--time", "--out", str(out)]
+  assert annotate_cost.main(timed) == 0
+  row = json.loads(out.read_text())["annotators"]["classifier"]
+  assert row["pairs_per_s"] > 0 and row["step_s"] > 0 and row["compile_s"] > 0
+  with pytest.raises(SystemExit):
+    annotate_cost.main(["--annotators", "resnet"])
+
+
 def test_bench_rejects_bad_arguments(capsys):
   assert cli.main(["bench", "--tiny", "--models", "resnet"]) == cli.EXIT_USER_ERROR
   assert "--models: unknown model 'resnet'" in capsys.readouterr().err

@@ -54,3 +54,27 @@ def test_every_stage_config_loads():
       assert config.model.name
   with pytest.raises(ValueError, match="unknown variant"):
     config_lib.load_config(os.path.join(EXPERIMENTS, "caaa_loop.py:huge"))
+
+
+def test_the_qes_ablation_and_seeds_add_their_own_branch():
+  steps = caaa_loop.commands(
+    "W", tiny=False, coco="C", web=None, casia="L.json", ablate_qes=True, seeds=2
+  )
+  outputs = [output for _, output in steps]
+  assert len(outputs) == len(set(outputs))  # No stage overwrites another's output.
+  by_out = {output.split(os.sep)[1]: command for command, output in steps}
+  filtered, unfiltered = by_out["held_out"], by_out["held_out_unfiltered"]
+  assert "--qes-routes" not in filtered
+  assert unfiltered[unfiltered.index("--qes-routes") + 1] == ""
+  # Everything else about the two annotations is the same.
+  strip = lambda argv: [a for a in argv if "held_out" not in a and a not in ("--qes-routes", "")]
+  assert strip(filtered) == strip(unfiltered)
+  for name in ("web_iml", "web_iml_seed1", "web_iml_unfiltered", "web_iml_unfiltered_seed1"):
+    assert name in by_out and f"{name}_eval" in by_out
+  assert "--config.seed=1" in by_out["web_iml_unfiltered_seed1"]
+  assert any("tfds_unfiltered" in a for a in by_out["web_iml_unfiltered_seed1"])
+  assert "--sdg" in filtered and filtered[filtered.index("--sdg") + 1] == os.path.join(
+    "W", "corr_dino"
+  )
+  with pytest.raises(ValueError, match="--sdg"):
+    caaa_loop.commands("W", tiny=False, coco="C", web=None, casia=None, sdg="dmac")

@@ -72,6 +72,33 @@ def test_geometric_augment_keeps_image_and_mask_aligned():
     np.testing.assert_array_equal(out[..., 0] // 255, label)
 
 
+def test_untouched_examples_take_their_own_jpeg_probability():
+  rng = np.random.default_rng(2)
+  image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  untouched = np.zeros((32, 32), np.uint8)
+  edited = untouched.copy()
+  edited[4:10, 4:10] = 255
+  plain = dict(crop_size=32, resize_range=(1.0, 1.0), hflip=0.0, vflip=0.0, rot90=0.0)
+  plain.update(jpeg_prob=1.0, rgb_shift_prob=0.0)
+  cfg = transforms.AugmentConfig(**plain, untouched_jpeg_prob=0.0)
+
+  def out(mask, cfg, seed=0):
+    return transforms.train_augment(image, mask, np.random.default_rng(seed), cfg)[0]
+
+  # A photo nobody edited keeps its pixels; an edited one is re-saved, as with jpeg_prob alone.
+  np.testing.assert_array_equal(out(untouched, cfg), image)
+  assert not np.array_equal(out(edited, cfg), image)
+  default = transforms.AugmentConfig(**plain)
+  np.testing.assert_array_equal(out(edited, cfg), out(edited, default))
+  assert not np.array_equal(out(untouched, default), image)
+  # A soft (feathered) mark above the authentic band counts as an edit.
+  faint = untouched.copy()
+  faint[0, 0] = 9
+  assert not np.array_equal(out(faint, cfg), image)
+  with pytest.raises(Exception, match="untouched_jpeg_prob"):
+    transforms.AugmentConfig.from_config({"untouched_jpeg_prob": 1.5})
+
+
 def _batches(it, n):
   return [next(it) for _ in range(n)]
 

@@ -112,3 +112,43 @@ def test_dice_weight_adds_dice_to_every_output():
   up = lambda x: losses.resize_bilinear(x, (16, 16), align_corners=False)
   dice = float(losses.dice_loss(up(final), labels)) + 0.5 * float(losses.dice_loss(up(aux), labels))
   np.testing.assert_allclose(float(total), float(plain) + 2.0 * dice, rtol=1e-5)
+
+
+def test_map_detection_loss_is_bce_on_the_top_share_of_the_margin():
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(3, 5, 8, 2)).astype(np.float32) * 3
+  image_labels = np.array([1, 0, 1])
+  margin = (logits[..., 1] - logits[..., 0]).reshape(3, -1).astype(np.float64)
+  k = 4  # round(0.1 * 40)
+  score = np.sort(margin, axis=1)[:, -k:].mean(axis=1)
+  prob = 1 / (1 + np.exp(-score))
+  expected = -np.mean(np.where(image_labels == 1, np.log(prob), np.log(1 - prob)))
+  got = float(losses.map_detection_loss(logits, image_labels, topk=0.1))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  # An untouched image is punished by its highest pixels only: lowering one of them helps.
+  quiet = np.zeros((1, 4, 4, 2), np.float32)
+  loud = quiet.copy()
+  loud[0, 0, 0, 1] = 6.0
+  untouched = np.array([0])
+  assert float(losses.map_detection_loss(loud, untouched, 1 / 16)) > float(
+    losses.map_detection_loss(quiet, untouched, 1 / 16)
+  )
+
+
+def test_map_detection_weight_adds_its_term_through_the_task_loss():
+  from miml_jax.tasks.segmentation import image_and_pixel_loss
+
+  rng = np.random.default_rng(6)
+  logits = rng.normal(size=(2, 4, 4, 2)).astype(np.float32)
+  labels = np.zeros((2, 16, 16), np.uint8)
+  labels[0, 2:6, 3:9] = 1  # The first image is tampered, the second untouched.
+  config = ml_collections.ConfigDict(
+    dict(name="ce", weights=(1.0,), ohem_thresh=0.7, ohem_min_kept=100, image_weight=0.0)
+  )
+  plain, _ = image_and_pixel_loss({"logits": logits}, labels, config)
+  config.map_detection_weight = 0.5
+  config.map_detection_topk = 0.25
+  total, terms = image_and_pixel_loss({"logits": logits}, labels, config)
+  term = float(losses.map_detection_loss(logits, np.array([1, 0]), 0.25))
+  np.testing.assert_allclose(float(terms["loss_map_detection"]), term, rtol=1e-6)
+  np.testing.assert_allclose(float(total), float(plain) + 0.5 * term, rtol=1e-5)

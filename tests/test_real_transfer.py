@@ -53,6 +53,13 @@ def test_each_ablation_changes_only_what_it_names():
   assert "coco:" not in _recipe("no_jitter")[0].data.train
   assert "coco_splice" not in _recipe("no_splice")[0].data.train
   assert "coco_copymove" not in _recipe("no_copymove")[0].data.train
+  camera, _ = _recipe("camera_negatives")
+  assert camera.input.augment.untouched_jpeg_prob == 0 and camera.input.augment.jpeg_prob == 1
+  assert camera.data == base.data and camera.loss == base.loss
+  detect, _ = _recipe("map_detection")
+  assert detect.loss.map_detection_weight > 0 and detect.data == base.data
+  assert detect.input == base.input and detect.model == base.model
+  assert _recipe("map_detection:full")[0].loss.map_detection_weight > 0
   wide, _ = _recipe("wide")
   assert wide.model.backbone.dims != base.model.backbone.dims and wide.data == base.data
   bayar, _ = _recipe("bayar")

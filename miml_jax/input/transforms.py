@@ -54,6 +54,11 @@ class AugmentConfig:
   jpeg_quality: tuple[int, int] = config_lib.setting(
     (50, 100), check=config_lib.ordered_pair(0, 100)
   )
+  # The JPEG probability instead for examples whose masks mark nothing, i.e. photos nobody
+  # edited: an editor re-saves what it edits, while an untouched photo keeps the single
+  # compression its camera gave it (0 here and 1 for jpeg_prob teaches that history). None:
+  # jpeg_prob for every example. Examples without a mask field always take jpeg_prob.
+  untouched_jpeg_prob: float | None = config_lib.setting(None, ge=0, le=1)
   rgb_shift_prob: float = config_lib.probability(0.3)
   rgb_shift: int = config_lib.setting(20, ge=0)
   mask_low: int = config_lib.setting(8, ge=0, le=255)
@@ -117,6 +122,13 @@ def augment_fields(
   y = int(rng.integers(0, full_h - size + 1))
   x = int(rng.integers(0, full_w - size + 1))
   out = {k: v[y : y + size, x : x + size] for k, v in out.items()}
+  jpeg_prob = cfg.jpeg_prob
+  masks = [v for k, v in fields.items() if kinds[k] == "mask"]
+  if cfg.untouched_jpeg_prob is not None and masks:
+    # Untouched: no mask pixel above the authentic band, in the whole example before the crop
+    # (a crop that misses the edit is still a part of an edited, re-saved photo).
+    if not any((m > cfg.mask_low).any() for m in masks):
+      jpeg_prob = cfg.untouched_jpeg_prob
   if rng.random() < cfg.hflip:
     out = {k: v[:, ::-1] for k, v in out.items()}
   if rng.random() < cfg.vflip:
@@ -127,7 +139,7 @@ def augment_fields(
   for key in out:
     value = np.ascontiguousarray(out[key])
     if kinds[key] == "image":
-      if rng.random() < cfg.jpeg_prob:
+      if rng.random() < jpeg_prob:
         value = jpeg_roundtrip(
           value, int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
         )

@@ -68,10 +68,16 @@ def train_transform(augment: transforms.AugmentConfig):
 def image_and_pixel_loss(outputs: dict, labels: jax.Array, loss_config):
   """The per-pixel loss (with deep supervision) plus the image head's term."""
   loss, terms = losses.segmentation_loss(outputs, labels, loss_config)
+  # An image counts as tampered when any pixel is.
+  image_labels = jnp.any(labels == 1, axis=(1, 2)).astype(jnp.int32)
+  map_weight = loss_config.get("map_detection_weight", 0.0)
+  if map_weight:
+    topk = loss_config.get("map_detection_topk", 0.01)
+    terms["loss_map_detection"] = losses.map_detection_loss(outputs["logits"], image_labels, topk)
+    loss = loss + map_weight * terms["loss_map_detection"]
   if outputs.get("image_logits") is not None and loss_config.image_weight > 0:
     # The image head sees stop-gradient features (as in APSC-Net), so this term trains the head
-    # alone; an image counts as tampered when any pixel is.
-    image_labels = jnp.any(labels == 1, axis=(1, 2)).astype(jnp.int32)
+    # alone.
     image_loss = jnp.mean(
       -jnp.take_along_axis(
         jax.nn.log_softmax(outputs["image_logits"].astype(jnp.float32)),
