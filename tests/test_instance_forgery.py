@@ -291,16 +291,24 @@ def host_and_objects(seed=0):
   return host, host_objects, donor, donor_objects
 
 
+def splices(cfg, seeds, occluders=True):
+  """host_and_objects()'s splices under `cfg`, one per seed, the failed draws left out (with
+  the host's objects as occluders unless `occluders` is False)."""
+  host, host_objects, donor, donor_objects = host_and_objects()
+  others = host_objects if occluders else None
+  made = (
+    instance_forgery.splice(
+      host, donor, donor_objects, np.random.default_rng(s), cfg, host_instances=others
+    )
+    for s in range(seeds)
+  )
+  return [r for r in made if r is not None]
+
+
 def test_splice_mask_is_exactly_the_changed_pixels():
   host, host_objects, donor, donor_objects = host_and_objects()
   cfg = InstanceForgeryConfig(occlude_prob=0.5, min_area=64)
-  results = [
-    instance_forgery.splice(
-      host, donor, donor_objects, np.random.default_rng(seed), cfg, host_instances=host_objects
-    )
-    for seed in range(24)
-  ]
-  made = [r for r in results if r is not None]
+  made = splices(cfg, 24)
   assert len(made) >= 18
   front = host_objects.any(0)
   for result in made:
@@ -586,14 +594,7 @@ def test_recipes_come_from_the_data_config(coco_tree):
 def test_feathered_paste_blends_by_the_distance_to_the_border():
   host, host_objects, donor, donor_objects = host_and_objects()
   cfg = InstanceForgeryConfig(min_area=64, occlude_prob=0.0, feather_prob=1.0, feather_width=(4, 4))
-  result = next(
-    r
-    for r in (
-      instance_forgery.splice(host, donor, donor_objects, np.random.default_rng(s), cfg)
-      for s in range(10)
-    )
-    if r is not None
-  )
+  result = splices(cfg, 10, occluders=False)[0]
   patch, hard = instance_forgery.cut_object(
     donor, donor_objects[result.object_index], result.scale, result.flip
   )
@@ -644,13 +645,7 @@ def test_donor_traces_keep_the_mask_exactly_the_changed_pixels():
     donor_jpeg_prob=1.0,
     colour_match_prob=0.0,
   )
-  made = [
-    instance_forgery.splice(
-      host, donor, donor_objects, np.random.default_rng(s), cfg, host_instances=host_objects
-    )
-    for s in range(12)
-  ]
-  made = [r for r in made if r is not None]
+  made = splices(cfg, 12)
   assert len(made) >= 8
   plain = InstanceForgeryConfig(min_area=64)
   for result in made:

@@ -123,11 +123,11 @@ def augment_fields(
   x = int(rng.integers(0, full_w - size + 1))
   out = {k: v[y : y + size, x : x + size] for k, v in out.items()}
   jpeg_prob = cfg.jpeg_prob
-  masks = [v for k, v in fields.items() if kinds[k] == "mask"]
-  if cfg.untouched_jpeg_prob is not None and masks:
+  if cfg.untouched_jpeg_prob is not None:
     # Untouched: no mask pixel above the authentic band, in the whole example before the crop
     # (a crop that misses the edit is still a part of an edited, re-saved photo).
-    if not any((m > cfg.mask_low).any() for m in masks):
+    masks = [v for k, v in fields.items() if kinds[k] == "mask"]
+    if masks and not any((m > cfg.mask_low).any() for m in masks):
       jpeg_prob = cfg.untouched_jpeg_prob
   if rng.random() < cfg.hflip:
     out = {k: v[:, ::-1] for k, v in out.items()}
