@@ -13,7 +13,7 @@ import pytest
 
 from miml_jax import cli, io
 from miml_jax.errors import UserInputError
-from miml_jax.input import coco, instance_forgery, sources
+from miml_jax.input import coco, instance_forgery, sources, transforms
 from miml_jax.input.instance_forgery import InstanceForgeryConfig
 from miml_jax.input.transforms import decode_label
 
@@ -697,6 +697,39 @@ def test_native_resolution_crops_on_the_jpeg_grid_and_untouched_crops(coco_tree)
     if (photo[y : y + 48, x : x + 48][untouched] == forged["image"][untouched]).all()
   ]
   assert matches
+
+
+def test_host_jpeg_compresses_edited_hosts_only(coco_tree):
+  root, _ = coco_tree
+  folder = coco.CocoInstances(str(root))
+
+  def source(**cfg):
+    config = InstanceForgeryConfig(native_resolution=True, min_area=64, **cfg)
+    return instance_forgery.InstanceForgerySource(
+      folder, "splice", crop_size=48, seed=0, split_id=0, config=config
+    )
+
+  plain, camera = source()[0], source(host_jpeg_prob=1.0, host_jpeg_quality=(50, 50))[0]
+  assert plain["kind"] == camera["kind"] == "splice"
+  np.testing.assert_array_equal(plain["mask"], camera["mask"])  # The same draws otherwise.
+  # Outside the paste the edited host is the photo's crop through one JPEG at quality 50.
+  photo, untouched = folder[0]["image"], camera["mask"] == 0
+  assert not (camera["image"][untouched] == plain["image"][untouched]).all()
+  saved = [
+    transforms.jpeg_roundtrip(np.ascontiguousarray(photo[y : y + 48, x : x + 48]), 50)
+    for y in range(0, HEIGHT - 47, 8)
+    for x in range(0, WIDTH - 47, 8)
+  ]
+  assert any((s[untouched] == camera["image"][untouched]).all() for s in saved)
+  # Untouched crops are left alone.
+  left = source(host_jpeg_prob=1.0, authentic_prob=1.0)[0]
+  np.testing.assert_array_equal(left["image"], source(authentic_prob=1.0)[0]["image"])
+  with pytest.raises(UserInputError, match="host_jpeg_quality"):
+    InstanceForgeryConfig(host_jpeg_quality=(0, 90))
+  with pytest.raises(UserInputError, match="coco_sdg: data.instance_forgery.host_jpeg_prob"):
+    sources.make_source(
+      f"coco_sdg:{root}", "train", image_size=32, instance_forgery={"host_jpeg_prob": 0.5}
+    )
 
 
 def test_realism_switches_are_checked_and_sdg_refuses_rotation(coco_tree):

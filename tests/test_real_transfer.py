@@ -51,11 +51,29 @@ def test_each_ablation_changes_only_what_it_names():
   final, _ = _recipe("no_final_jpeg")
   assert final.input.augment.jpeg_prob == 0 and final.data == base.data
   assert "coco:" not in _recipe("no_jitter")[0].data.train
-  assert "coco_splice" not in _recipe("no_splice")[0].data.train
+  no_splice = _recipe("no_splice")[0]
+  assert no_splice.data.train.startswith("coco:") and "+" not in no_splice.data.train
+  assert no_splice.data.validation == base.data.validation
   assert "coco_copymove" not in _recipe("no_copymove")[0].data.train
   camera, _ = _recipe("camera_negatives")
   assert camera.input.augment.untouched_jpeg_prob == 0 and camera.input.augment.jpeg_prob == 1
   assert camera.data == base.data and camera.loss == base.loss
+  # dct_view is camera_negatives with the model's JPEG view, at every scale.
+  dct, _ = _recipe("dct_view")
+  assert dct.input == camera.input and dct.data == base.data and dct.loss == base.loss
+  assert dct.model.dct_view.frequencies > 0 and "dct_view" not in camera.model
+  assert {k: v for k, v in dct.model.to_dict().items() if k != "dct_view"} == base.model.to_dict()
+  assert _recipe("dct_view:full")[0].model.dct_view == dct.model.dct_view
+  double, double_forgery = _recipe("double_jpeg")
+  assert double.model == dct.model and double.input.augment.jpeg_prob == 1.0
+  assert double.input.augment.get("untouched_jpeg_prob") is None
+  changed = {
+    k for k in base.data.instance_forgery if getattr(double_forgery, k) != getattr(base_forgery, k)
+  }
+  assert changed == {"host_jpeg_prob"}  # at the default quality, 60-95
+  detector, _ = _recipe("dct_detector")
+  assert detector.model.dct_view.image_head > 0 and detector.data == double.data
+  assert detector.input == double.input
   detect, _ = _recipe("map_detection")
   assert detect.loss.map_detection_weight > 0 and detect.data == base.data
   assert detect.input == base.input and detect.model == base.model
@@ -127,5 +145,11 @@ def test_tiny_run_trains_and_is_tabulated(coco_root, real_style_set, tmp_path, c
   stamp = os.path.getmtime(workdir / "real_eval" / "metrics.json")
   transfer_table.main(args)
   assert os.path.getmtime(workdir / "real_eval" / "metrics.json") == stamp
+  # --keep: a row added under another name keeps the earlier rows, read from the file.
+  transfer_table.main(["--keep", "--run", f"again={workdir}", "--data", real_style_set,
+                       "--out", str(out_json)])  # fmt: skip
+  out, _ = capsys.readouterr()
+  assert "| tiny | 1 | 3 |" in out and "| again | 1 | 3 |" in out
+  assert set(json.loads(out_json.read_text())) == {"tiny", "again", "trivial"}
   with pytest.raises(SystemExit, match="not benco:"):
     transfer_table.main(["--run", f"tiny={workdir}", "--data", "benco:/elsewhere.json"])

@@ -4,6 +4,11 @@
         --run realistic=workdirs/rt/realistic_s0 --run realistic=workdirs/rt/realistic_s1 \\
         --run hard_paste=workdirs/rt/hard_paste_s0 ... --out experiments/reports/transfer.json
 
+Add rows to a table made before (`--keep`: the other rows come from the JSON file):
+
+    python experiments/reports/transfer_table.py --keep --out experiments/reports/transfer.json \\
+        --run no_splice:short=workdirs/rt/no_splice_short_s0 ...
+
 For every workdir it scores `<workdir>/best` (the checkpoint the run's own synthetic validation
 chose) with `miml-jax eval` on the real set (default: the 36 CASIA v1 samples and their 36
 authentic sources), once: the report stays in `<workdir>/real_eval/` and is reused on the next
@@ -91,8 +96,23 @@ def main(argv=None):
   parser.add_argument("--run", action="append", required=True, help="NAME=WORKDIR, repeatable")
   parser.add_argument("--data", default=REAL, help=f"the real set (default {REAL})")
   parser.add_argument("--out", help="also write the table as JSON here")
+  parser.add_argument(
+    "--keep",
+    action="store_true",
+    help="keep the rows of the existing --out file whose names this call does not run (their "
+    "workdirs may be gone: the file holds every number of the table)",
+  )
   args = parser.parse_args(argv)
   groups: dict[str, list[dict]] = {}
+  if args.keep:
+    if not args.out or not os.path.exists(args.out):
+      raise SystemExit(f"--keep: no table to keep at --out {args.out!r}")
+    with open(args.out) as f:
+      kept = json.load(f)
+    names = {item.partition("=")[0] for item in args.run}
+    groups = {
+      name: row["runs"] for name, row in kept.items() if name != "trivial" and name not in names
+    }
   for item in args.run:
     name, sep, workdir = item.partition("=")
     if not sep or not os.path.isdir(workdir):

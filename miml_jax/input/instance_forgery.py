@@ -54,6 +54,11 @@ one of those traces (docs/datasets.md, "Realistic splices"):
   size, which would wash out the camera's noise and the photo's own JPEG grid) and crops start
   on the 8-px grid, so the host's JPEG blocks stay aligned: a crop recompressed by the augment is
   an aligned double JPEG, its pasted object (moved, rescaled) a non-aligned one.
+- `host_jpeg_prob` / `host_jpeg_quality`: the host crop is JPEG-compressed before the edit (the
+  camera's save; the editor's is `input.augment.jpeg_prob`'s), so an edited sample is an
+  aligned double JPEG where it was left alone, while an untouched crop (`authentic_prob`) is
+  not recompressed here. With the augment's JPEG on every sample, double compression then
+  marks the edited images, whatever quality they end at.
 - `authentic_prob`: a sample is the host crop unmodified with an all-zero mask (kind
   'authentic'), so a model also sees untouched photos with the same history (image-level
   negatives).
@@ -79,6 +84,7 @@ MODES = ("splice", "copy_move")
 # Part of the seed, so the splice, copy-move and Object Jitter (seeded without it) streams of one
 # host image differ.
 _MODE_STREAMS = {"splice": 1, "copy_move": 2}
+_HOST_JPEG_STREAM = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +114,8 @@ class InstanceForgeryConfig:
   feather_prob: float = 0.0
   feather_width: tuple[float, float] = (1.0, 4.0)
   native_resolution: bool = False
+  host_jpeg_prob: float = 0.0
+  host_jpeg_quality: tuple[int, int] = (60, 95)
   authentic_prob: float = 0.0
 
   def __post_init__(self):
@@ -117,6 +125,7 @@ class InstanceForgeryConfig:
         raise UserInputError(f"instance_forgery.{name}: expected a positive int, got {value!r}")
     probabilities = ("max_object_fraction", "flip_prob", "occlude_prob", "blur_prob", "noise_prob")
     probabilities += ("donor_jpeg_prob", "colour_match_prob", "feather_prob", "authentic_prob")
+    probabilities += ("host_jpeg_prob",)
     for name in probabilities:
       value = getattr(self, name)
       if not 0.0 <= value <= 1.0:
@@ -132,12 +141,12 @@ class InstanceForgeryConfig:
       raise UserInputError(
         f"instance_forgery.noise_sigma: expected 0 <= low <= high, got {self.noise_sigma!r}"
       )
-    low, high = self.donor_jpeg_quality
-    if not 1 <= low <= high <= 100:
-      raise UserInputError(
-        "instance_forgery.donor_jpeg_quality: expected 1 <= low <= high <= 100, got "
-        f"{self.donor_jpeg_quality!r}"
-      )
+    for name in ("donor_jpeg_quality", "host_jpeg_quality"):
+      low, high = getattr(self, name)
+      if not 1 <= low <= high <= 100:
+        raise UserInputError(
+          f"instance_forgery.{name}: expected 1 <= low <= high <= 100, got {getattr(self, name)!r}"
+        )
     if not 0 <= self.rotation_range <= 180:
       raise UserInputError(
         f"instance_forgery.rotation_range: expected degrees in [0, 180], got "
@@ -545,10 +554,21 @@ class InstanceForgerySource:
     size = self.crop_size
     image, objects = self._prepared(host, rng)
     untouched = bool(self.config.authentic_prob and rng.random() < self.config.authentic_prob)
+    host_quality = None
+    if not untouched and self.config.host_jpeg_prob:
+      # Its own stream: the edit's draws are the same with and without the host JPEG.
+      key = [self.seed, self.split_id, _MODE_STREAMS[self.mode], index, _HOST_JPEG_STREAM]
+      host_rng = np.random.default_rng(key)
+      if host_rng.random() < self.config.host_jpeg_prob:
+        low, high = self.config.host_jpeg_quality
+        host_quality = int(host_rng.integers(low, high + 1))
     for _ in range(0 if untouched else self.config.max_attempts):
       y, x = self._corner(image.shape[0], rng), self._corner(image.shape[1], rng)
       crop = np.ascontiguousarray(image[y : y + size, x : x + size])
       crop_objects = objects[:, y : y + size, x : x + size]
+      if host_quality is not None:
+        # The edit happens on the camera's JPEG.
+        crop = transforms.jpeg_roundtrip(crop, host_quality)
       if self.mode == "splice":
         # Any image but the host, uniformly.
         donor_index = (index + 1 + int(rng.integers(len(self) - 1))) % len(self)
@@ -575,6 +595,8 @@ class InstanceForgerySource:
         crop = np.ascontiguousarray(image[y : y + size, x : x + size])
       else:
         self.fallback_count += 1
+        # An unedited crop keeps its own history (no host JPEG: it was never edited).
+        crop = np.ascontiguousarray(image[y : y + size, x : x + size])
       sample = {
         "image": crop,
         "mask": np.zeros((size, size), np.uint8),

@@ -103,7 +103,7 @@ class SDGSource:
       raise UserInputError(
         f"coco_sdg: resize_range: expected 0 < low <= high, got {resize_range!r}"
       )
-    for name in ("rotation_range", "native_resolution", "authentic_prob"):
+    for name in ("rotation_range", "native_resolution", "authentic_prob", "host_jpeg_prob"):
       # The donor mask on A is rebuilt from the paste's scale, mirror and place (donor_region),
       # which a rotation would break; crops and fallbacks here follow their own rules.
       if getattr(config, name):

@@ -24,6 +24,7 @@ Config (an ml_collections.ConfigDict or a plain dict):
                           in_chans=3, drop_path_rate=0.4, layer_scale_init_value=1.0)
     model.head = dict(<any APSCHeadConfig field>)
     model.dtype = 'float32' | 'bfloat16'
+    model.noise_view, model.trace_stem, model.dct_view: extra input views (fields below, jpeg.py)
 
 Parameter naming is the APSC-Net one (torch state_dict keys 1:1, numeric indices joined to the
 previous name with '_'); see naming.py.
@@ -38,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from miml_jax.errors import UserInputError
-from miml_jax.models import apsc_net, common, convnext, layers, noise
+from miml_jax.models import apsc_net, common, convnext, jpeg, layers, noise
 
 Array = jax.Array
 Dtype = Any
@@ -112,28 +113,39 @@ class WebIML(nn.Module):
   noise_view_gain: float = 10.0
   # Widths of full-resolution 3x3 conv + GELU layers before the backbone's stem; () = none.
   trace_stem: tuple[int, ...] = ()
+  # The JPEG-domain view (jpeg.py), joined to the pixel channels before the stem; None = off.
+  dct_view: jpeg.DCTViewConfig | None = None
 
   @classmethod
   def from_config(cls, model_config: Mapping[str, Any]) -> "WebIML":
     """Builds from the `model` section of a config (ConfigDict or dict)."""
     cfg = common.as_dict(model_config)
     known = {"name", "dtype", "backbone", "head", "noise_view", "noise_view_gain", "trace_stem"}
+    known.add("dct_view")  # The JPEG view (jpeg.py).
     unknown = sorted(set(cfg) - known)
     if unknown:
       raise UserInputError(f"model: unknown key(s) {unknown} for web_iml; known: {sorted(known)}")
+    head = apsc_net.APSCHeadConfig.from_dict(common.as_dict(cfg.get("head")))
+    dct_view = jpeg.DCTViewConfig.from_dict(cfg.get("dct_view"))
+    if dct_view is not None and dct_view.image_head and not head.image_head:
+      raise UserInputError(
+        "model.dct_view.image_head: needs the image head (model.head.image_head)"
+      )
     return cls(
       backbone=BackboneConfig.from_dict(common.as_dict(cfg.get("backbone"))),
-      head=apsc_net.APSCHeadConfig.from_dict(common.as_dict(cfg.get("head"))),
+      head=head,
       dtype=common.resolve_dtype(cfg.get("dtype", "float32")),
       noise_view=cfg.get("noise_view", "none"),
       noise_view_gain=float(cfg.get("noise_view_gain", 10.0)),
       trace_stem=tuple(int(w) for w in cfg.get("trace_stem", ())),
+      dct_view=dct_view,
     )
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> dict[str, Any]:
     bb = self.backbone
     common.check_image_input(x, bb.in_chans)
+    image = x
     if self.noise_view == "srm_energy":
       # The local energy of those residuals (log scale), which survives the stem's LayerNorm.
       x = jnp.concatenate([x, noise.srm_energy(x).astype(x.dtype)], axis=-1)
@@ -179,6 +191,12 @@ class WebIML(nn.Module):
         name=f"trace_stem_{i}",
       )(x)
       x = nn.gelu(x, approximate=False)
+    histograms = None
+    if self.dct_view is not None:
+      view, histograms = jpeg.DCTView(self.dct_view, self.dtype, self.param_dtype, name="dct_view")(
+        image
+      )
+      x = jnp.concatenate([x, view], axis=-1)
     feats = convnext.ConvNeXt(
       dims=bb.dims,
       depths=bb.depths,
@@ -189,6 +207,16 @@ class WebIML(nn.Module):
       param_dtype=self.param_dtype,
       name="backbone",
     )(x, train)
-    return apsc_net.APSCHead(self.head, self.dtype, self.param_dtype, name="decode_head")(
+    out = apsc_net.APSCHead(self.head, self.dtype, self.param_dtype, name="decode_head")(
       feats, train
     )
+    if histograms is not None and self.dct_view.image_head:
+      detector = jpeg.HistogramDetector(
+        self.dct_view.image_head,
+        self.head.num_classes,
+        self.dtype,
+        self.param_dtype,
+        name="dct_detector",
+      )
+      out = {**out, "image_logits": out["image_logits"] + detector(histograms)}
+    return out
