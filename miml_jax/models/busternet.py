@@ -71,7 +71,7 @@ import numpy as np
 
 from miml_jax.config import setting
 from miml_jax.errors import UserInputError
-from miml_jax.models import keras_h5, layers
+from miml_jax.models import keras_h5
 from miml_jax.models.common import as_dict, resolve_dtype
 
 # The fused output's channels, in the original's order (see the module docstring).
@@ -188,19 +188,16 @@ def _batch_norm(
   )
 
 
-def _conv(x: jax.Array, features: int, kernel: int, name: str, dtype) -> jax.Array:
-  """Keras' Conv2D(padding='same') on x, an odd kernel (so 'same' is kernel // 2 each side),
-  as the library's conv (its fast CPU formulation; the variables of nn.Conv)."""
-  return layers.conv2d(
+def _conv(features: int, kernel: int, name: str, dtype) -> nn.Conv:
+  return nn.Conv(
     features,
-    kernel,
-    padding=kernel // 2,
-    in_features=x.shape[-1],
+    (kernel, kernel),
+    padding="SAME",
     kernel_init=keras_kernel_init,
     bias_init=nn.initializers.zeros,
     dtype=dtype,
     name=name,
-  )(x)
+  )
 
 
 class BnInception(nn.Module):
@@ -214,7 +211,7 @@ class BnInception(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
-    parts = [_conv(x, self.filters, k, f"c{i}", self.dtype) for i, k in enumerate(self.kernels)]
+    parts = [_conv(self.filters, k, f"c{i}", self.dtype)(x) for i, k in enumerate(self.kernels)]
     y = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
     return nn.relu(_batch_norm("bn", use_running_average, self.dtype, self.momentum)(y))
 
@@ -223,7 +220,7 @@ def _vgg_trunk(x: jax.Array, widths: Sequence[int], dtype) -> jax.Array:
   """VGG16 blocks 1-4, convs named cnn_b{block}c{conv} (inside the calling compact module)."""
   for block, (width, depth) in enumerate(zip(widths, VGG16_DEPTHS, strict=True), start=1):
     for conv in range(1, depth + 1):
-      x = nn.relu(_conv(x, width, 3, f"cnn_b{block}c{conv}", dtype))
+      x = nn.relu(_conv(width, 3, f"cnn_b{block}c{conv}", dtype)(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
   return x
 
@@ -266,7 +263,7 @@ class SimilarityBranch(nn.Module):
     masks = inception(2, "dconv_dxF", FINAL_PATCHES)(
       jnp.concatenate([f256a, dx256], -1), use_running_average
     )
-    aux = _conv(masks, 1, 3, "pred_mask", self.dtype) if self.aux_head else None
+    aux = _conv(1, 3, "pred_mask", self.dtype)(masks) if self.aux_head else None
     return masks, aux
 
 
@@ -289,7 +286,7 @@ class ManipulationBranch(nn.Module):
     masks = BnInception(2, FINAL_PATCHES, self.dtype, self.momentum, name="dconv_dx16")(
       x, use_running_average
     )
-    aux = _conv(masks, 1, 3, "dconv_pred_mask", self.dtype) if self.aux_head else None
+    aux = _conv(1, 3, "dconv_pred_mask", self.dtype)(masks) if self.aux_head else None
     return masks, aux
 
 
@@ -372,7 +369,7 @@ class BusterNet(nn.Module):
     fused = BnInception(3, PATCHES, self.dtype, momentum, name="fusion")(
       jnp.concatenate([simi, mani], axis=-1), not train
     )
-    logits = _conv(fused, len(CHANNELS), 3, "pred_mask", self.dtype)
+    logits = _conv(len(CHANNELS), 3, "pred_mask", self.dtype)(fused)
 
     def back(y):  # Training crops of another size get their logits at their own size.
       return resize_align_corners(y.astype(jnp.float32), (height, width))
