@@ -63,7 +63,8 @@ one thing and shares everything else:
   sample, untouched ones too, is re-saved at 75-100. Double compression then marks an edited
   image and the final quality says nothing, where under `camera_negatives` only edited images
   are re-saved, so a coarse final quantisation alone tells them apart (COCO's own JPEGs are
-  fine, steps 1-3; CASIA's authentic sources are coarser, steps 4-6).
+  mostly fine, steps 1-3 in 11 of 13 photos read; the 6 CASIA authentic sources read are
+  coarser, steps 3-6).
 - `dct_detector`: `double_jpeg` with the view's image-wide histograms also scoring the image
   (`model.dct_view.image_head`: a 32-wide MLP whose logits join the image head's).
 - `wide`: the backbone's widths x 1.5 (backbone size; ConvNeXt-L instead of B with `full`).

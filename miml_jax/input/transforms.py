@@ -37,6 +37,13 @@ def normalize(images: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
   return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
 
 
+def denormalize(x: jnp.ndarray) -> jnp.ndarray:
+  """`normalize` undone: normalised (..., 3) -> float32 RGB on 0..255 (not rounded)."""
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+  std = jnp.asarray(IMAGENET_STD, jnp.float32)
+  return x.astype(jnp.float32) * std + mean
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """The training augmentations; defaults are the APSC-Net recipe."""

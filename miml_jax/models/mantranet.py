@@ -54,7 +54,7 @@ import numpy as np
 
 from miml_jax import config as config_lib
 from miml_jax.errors import UserInputError
-from miml_jax.input.transforms import IMAGENET_MEAN, IMAGENET_STD
+from miml_jax.input import transforms
 from miml_jax.models import keras_h5, noise
 from miml_jax.models.common import as_dict, resolve_dtype
 
@@ -317,9 +317,7 @@ class ManTraNet(nn.Module):
     if x.ndim != 4 or x.shape[-1] != 3:
       raise UserInputError(f"mantranet: expected (B, H, W, 3) images, got {tuple(x.shape)}")
     # The task's ImageNet normalisation undone, then the official rgb / 255 * 2 - 1.
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) / 255
-    std = jnp.asarray(IMAGENET_STD, jnp.float32) / 255
-    rgb = (x.astype(jnp.float32) * std + mean) * 2 - 1
+    rgb = transforms.denormalize(x) / 255 * 2 - 1
     features = Featex(self.featex_type, self.base, self.dtype, name="Featex")(rgb)
     features = nn.Conv(
       self.features,

@@ -120,8 +120,7 @@ class WebIML(nn.Module):
   def from_config(cls, model_config: Mapping[str, Any]) -> "WebIML":
     """Builds from the `model` section of a config (ConfigDict or dict)."""
     cfg = common.as_dict(model_config)
-    known = {"name", "dtype", "backbone", "head", "noise_view", "noise_view_gain", "trace_stem"}
-    known.add("dct_view")  # The JPEG view (jpeg.py).
+    known = set("name dtype backbone head noise_view noise_view_gain trace_stem dct_view".split())
     unknown = sorted(set(cfg) - known)
     if unknown:
       raise UserInputError(f"model: unknown key(s) {unknown} for web_iml; known: {sorted(known)}")
