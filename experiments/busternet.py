@@ -57,7 +57,7 @@ full recipe on an accelerator.
 
 Why the similarity branch has nothing to start from: with randomly initialised trunks, a
 copy-move cell's best correlation with another position ranks no higher than a pristine
-cell (`python experiments/reports/similarity_probe.py [--exact]`: cell AUC 0.44-0.55 over 54
+cell (`python experiments/reports/similarity_probe.py [--exact]`: cell AUC 0.44-0.57 over 54
 copy-moves of coco_mini 'train' photos, exact translation-only copies or the recipe's, widths
 16-64 and VGG16's, the trunk's 4 blocks or 3, 3 inits each):
 flat and repetitive regions correlate with themselves as well as a copy with its source. A loss
@@ -65,9 +65,9 @@ on the self-correlation itself (a softmax over positions plus a "no match" optio
 correlation 0.5: a copy's cells answered by its source's and the other way round, pristine
 cells by "no match"), tried on top of the auxiliary BCE, moved that cell AUC only to about
 0.58 on 64 held-out copy-moves in 550 trunk-only steps (0.53 after 1000 without the "no match"
-option), and the full `:joint:cpu` run with it (1000 steps, 42 min beside another training)
-scored held-out IoU 0.042 against 0.170, pixel AUC 0.638: no better, so it is not part of the
-library.
+option; a throwaway trunk-only script, not kept), and the full `:joint:cpu` run with it
+(1000 steps, 42 min beside another training) scored held-out IoU 0.042 against 0.170, pixel
+AUC 0.638: no better, so it is not part of the library.
 """
 
 import ml_collections

@@ -217,8 +217,10 @@ class BnInception(nn.Module):
 
 
 def _vgg_trunk(x: jax.Array, widths: Sequence[int], dtype) -> jax.Array:
-  """VGG16 blocks 1-4, convs named cnn_b{block}c{conv} (inside the calling compact module)."""
-  for block, (width, depth) in enumerate(zip(widths, VGG16_DEPTHS, strict=True), start=1):
+  """VGG16 blocks 1-4 (the first len(widths) of them: the model always has 4), convs named
+  cnn_b{block}c{conv} (inside the calling compact module)."""
+  depths = VGG16_DEPTHS[: len(widths)]
+  for block, (width, depth) in enumerate(zip(widths, depths, strict=True), start=1):
     for conv in range(1, depth + 1):
       x = nn.relu(_conv(width, 3, f"cnn_b{block}c{conv}", dtype)(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
