@@ -137,19 +137,84 @@ def test_tiny_run_trains_and_is_tabulated(coco_root, real_style_set, tmp_path, c
   assert len(rows) == 1 and "| 1 | 3 |" in rows[0]
   table = json.loads(out_json.read_text())
   [run] = table["tiny"]["runs"]
-  metrics = json.loads((workdir / "real_eval" / "metrics.json").read_text())
+  metrics = json.loads((workdir / "real_eval_list" / "metrics.json").read_text())
   assert run["iou"] == metrics["summary"]["iou"] and run["steps"] == 3
   assert table["trivial"]["all_one"]["iou"] > 0 and "| all_one |" in out
   assert metrics["image_level"]["max"]["num_authentic"] == 2
   # A second call reuses the saved report instead of scoring again.
-  stamp = os.path.getmtime(workdir / "real_eval" / "metrics.json")
+  stamp = os.path.getmtime(workdir / "real_eval_list" / "metrics.json")
   transfer_table.main(args)
-  assert os.path.getmtime(workdir / "real_eval" / "metrics.json") == stamp
+  assert os.path.getmtime(workdir / "real_eval_list" / "metrics.json") == stamp
   # --keep: a row added under another name keeps the earlier rows, read from the file.
   transfer_table.main(["--keep", "--run", f"again={workdir}", "--data", real_style_set,
                        "--out", str(out_json)])  # fmt: skip
   out, _ = capsys.readouterr()
   assert "| tiny | 1 | 3 |" in out and "| again | 1 | 3 |" in out
-  assert set(json.loads(out_json.read_text())) == {"tiny", "again", "trivial"}
-  with pytest.raises(SystemExit, match="not benco:"):
-    transfer_table.main(["--run", f"tiny={workdir}", "--data", "benco:/elsewhere.json"])
+  assert set(json.loads(out_json.read_text())) == {"tiny", "again", "trivial", "data"}
+  # A second seed joins its row though the first seed's workdir is gone (here: renamed in the
+  # file); running the same name and workdir again replaces that run instead of doubling it.
+  table = json.loads(out_json.read_text())
+  table["tiny"]["runs"][0]["workdir"] = "workdirs/gone_s0"
+  out_json.write_text(json.dumps(table))
+  for _ in range(2):
+    transfer_table.main(["--keep", "--run", f"tiny={workdir}", "--data", real_style_set,
+                         "--out", str(out_json)])  # fmt: skip
+  out, _ = capsys.readouterr()
+  runs = json.loads(out_json.read_text())["tiny"]["runs"]
+  assert [r["workdir"] for r in runs] == ["workdirs/gone_s0", str(workdir)]
+  assert "| tiny | 2 | 3 |" in out
+  with pytest.raises(SystemExit, match="scores another set"):
+    transfer_table.main(["--keep", "--run", f"tiny={workdir}", "--out", str(out_json)])
+  # Another list of the same name is not mistaken for the one scored.
+  with pytest.raises(SystemExit, match="not benco:/elsewhere/list.json"):
+    transfer_table.main(["--run", f"tiny={workdir}", "--data", "benco:/elsewhere/list.json"])
+
+
+def test_web_pairs_set_masks_in_place_edits_and_leaves_out_the_rest(tmp_path):
+  """experiments/reports/web_pairs_set.py on generated pairs: an in-place edit's mask is the
+  edit (isolated changed pixels dropped, a hole where the paste matches the photo filled); a
+  global edit is left out and listed; a pair of different sizes is not an in-place edit."""
+  import web_pairs_set
+
+  pairs = tmp_path / "pairs"
+  photo = noise(80, 120, 1)
+  edited = photo.copy()
+  edited[20:60, 30:90] = noise(80, 120, 2)[20:60, 30:90] // 2 + 128
+  edited[35:45, 50:60] = photo[35:45, 50:60]  # pasted pixels equal to those they cover
+  edited[5, 5] = 255 - photo[5, 5]  # a lone changed pixel, e.g. a re-encoding outlier
+  truth = np.zeros((80, 120), bool)
+  truth[20:60, 30:90] = True
+  for pid, (authentic, forged) in {
+    "edit": (photo, edited),
+    "grade": (photo, 255 - photo),
+    "paste": (photo, noise(60, 90, 3)),
+  }.items():
+    (pairs / pid).mkdir(parents=True)
+    io.write_image(str(pairs / pid / "0.png"), authentic)
+    io.write_image(str(pairs / pid / "1.png"), forged)
+
+  mask = web_pairs_set.derived_mask(photo, edited, threshold=24)
+  assert mask[truth].mean() == 1.0 and not mask[~truth].any()
+
+  out = tmp_path / "set"
+  web_pairs_set.main(["--pairs", str(pairs), "--out", str(out)])
+  entries = json.loads((out / "web_spg.json").read_text())
+  assert [e[1] for e in entries] == ["masks/edit.png", "Negative"]
+  assert os.path.samefile(out / entries[0][0], pairs / "edit" / "1.png")
+  assert (io.read_mask(str(out / "masks" / "edit.png")) > 0).sum() == truth.sum()
+  assert (out / "excluded.txt").read_text().startswith("grade: the difference covers")
+  assert (out / "contact_sheet.jpg").exists()
+
+
+@pytest.mark.shared_data
+def test_web_pairs_set_on_the_shared_pairs(shared_data, tmp_path):
+  """The set experiments/README.md scores: 23 in-place edits, each with its authentic source,
+  and the 2 global edits left out."""
+  import web_pairs_set
+
+  out = tmp_path / "set"
+  web_pairs_set.main(["--pairs", os.path.join(shared_data, "web_pairs"), "--out", str(out)])
+  entries = json.loads((out / "web_spg.json").read_text())
+  assert len(entries) == 46 and sum(mask == "Negative" for _, mask in entries) == 23
+  left_out = (out / "excluded.txt").read_text().splitlines()
+  assert [line.split(":")[0] for line in left_out] == ["I31", "I43"]

@@ -4,17 +4,20 @@
         --run realistic=workdirs/rt/realistic_s0 --run realistic=workdirs/rt/realistic_s1 \\
         --run hard_paste=workdirs/rt/hard_paste_s0 ... --out experiments/reports/transfer.json
 
-Add rows to a table made before (`--keep`: the other rows come from the JSON file):
+Add rows, or runs to a row, to a table made before (`--keep`: what the call does not run comes
+from the JSON file, so a row's first seed stays when only its second is run; a run of the same
+name and workdir is replaced):
 
     python experiments/reports/transfer_table.py --keep --out experiments/reports/transfer.json \\
         --run no_splice:short=workdirs/rt/no_splice_short_s0 ...
 
 For every workdir it scores `<workdir>/best` (the checkpoint the run's own synthetic validation
 chose) with `miml-jax eval` on the real set (default: the 36 CASIA v1 samples and their 36
-authentic sources), once: the report stays in `<workdir>/real_eval/` and is reused on the next
-call. It prints one Markdown row per name: runs, steps, wall time, per-image IoU / F1 / pixel AUC
-and image AUC (image-head and max-score) on the real set, and the synthetic held-out IoU, each
-as mean +- half the range over the runs of that name (the spread of two seeds), then the real
+authentic sources), once: the report stays in `<workdir>/real_eval/` (`real_eval_<name>/` for
+another `--data` set, named after its list or folder) and is reused on the next call. It
+prints one Markdown row per name: runs, steps, wall time, per-image IoU / F1 / pixel AUC and
+image AUC (image-head and max-score) on the real set, and the synthetic held-out IoU, each as
+mean +- half the range over the runs of that name (the spread of two seeds), then the real
 set's all-zero and all-one rows. Wall time is from the run's config.json to its last checkpoint.
 """
 
@@ -38,8 +41,17 @@ COLUMNS = (
 )
 
 
+def _eval_dir(workdir: str, data: str) -> str:
+  """Where a run's report on `data` stays: real_eval/ for the default set, real_eval_<name>/
+  (the list or folder's name) for another, so that one run is scored on several sets."""
+  if data == REAL:
+    return os.path.join(workdir, "real_eval")
+  name = os.path.splitext(os.path.basename(data.partition(":")[2].rstrip("/")))[0]
+  return os.path.join(workdir, f"real_eval_{name}")
+
+
 def _real_scores(workdir: str, data: str) -> dict:
-  out = os.path.join(workdir, "real_eval")
+  out = _eval_dir(workdir, data)
   metrics_file = os.path.join(out, "metrics.json")
   if not os.path.exists(metrics_file):
     command = [
@@ -99,8 +111,8 @@ def main(argv=None):
   parser.add_argument(
     "--keep",
     action="store_true",
-    help="keep the rows of the existing --out file whose names this call does not run (their "
-    "workdirs may be gone: the file holds every number of the table)",
+    help="keep the runs of the existing --out file that this call does not run (their workdirs "
+    "may be gone: the file holds every number of the table); new runs join their name's row",
   )
   args = parser.parse_args(argv)
   groups: dict[str, list[dict]] = {}
@@ -109,9 +121,14 @@ def main(argv=None):
       raise SystemExit(f"--keep: no table to keep at --out {args.out!r}")
     with open(args.out) as f:
       kept = json.load(f)
-    names = {item.partition("=")[0] for item in args.run}
+    # Tables written before the set was recorded are all of the default set.
+    if kept.pop("data", REAL) != args.data:
+      raise SystemExit(f"--keep: {args.out} scores another set than --data {args.data}")
+    rerun = {(name, os.path.normpath(w)) for name, _, w in (i.partition("=") for i in args.run)}
     groups = {
-      name: row["runs"] for name, row in kept.items() if name != "trivial" and name not in names
+      name: [run for run in row["runs"] if (name, os.path.normpath(run["workdir"])) not in rerun]
+      for name, row in kept.items()
+      if name != "trivial"
     }
   for item in args.run:
     name, sep, workdir = item.partition("=")
@@ -139,6 +156,7 @@ def main(argv=None):
     cells += [f"{scores['pixel_auc']:.3f}", "0.500", "0.500", "-"]
     print("| " + " | ".join(cells) + " |")
   table["trivial"] = trivial
+  table["data"] = args.data
   if args.out:
     with open(args.out, "w") as f:
       json.dump(table, f, indent=1)
