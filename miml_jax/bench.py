@@ -7,7 +7,7 @@ infer: forward in eval mode) it times, on random inputs:
 * miml-jax: the flax modules of `miml_jax/models` under `jax.jit` (parameters and optimiser
   state donated), `block_until_ready` after each call;
 * PyTorch eager and `torch.compile` of the restatements of the official modules in
-  `tests/torch_reference.py` (the ones the parity tests check the flax modules against), with
+  `miml_jax/torch_reference.py` (the ones the parity tests check the flax modules against), with
   `torch.set_num_threads(--torch-threads)`.
 
 Rules of the measurement:
@@ -26,7 +26,7 @@ Rules of the measurement:
 It also times QES (`miml_jax/qes.py`) on device against NumPy on the same soft masks.
 
 torch is not a dependency of miml-jax: install the `bench` extra (`pip install ".[bench]"`) or
-pass `--torch none`. The torch reference modules are read from the checkout's `tests/` folder.
+pass `--torch none`.
 """
 
 import dataclasses
@@ -36,16 +36,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any
 
 import numpy as np
 
 from miml_jax.errors import UserInputError
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REFERENCE_DIR = os.path.join(os.path.dirname(HERE), "tests")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,14 +234,11 @@ def _xla_memory(compiled) -> int | None:
 
 
 def _torch_reference():
-  if REFERENCE_DIR not in sys.path:
-    sys.path.insert(0, REFERENCE_DIR)
   try:
-    import torch_reference
+    from miml_jax import torch_reference
   except ImportError as e:
     raise UserInputError(
-      f"--torch: needs torch (pip install '.[bench]') and the checkout's "
-      f"{os.path.join('tests', 'torch_reference.py')} ({e}); or pass --torch none"
+      f"--torch: needs torch (pip install '.[bench]'): {e}; or pass --torch none"
     ) from e
   return torch_reference
 

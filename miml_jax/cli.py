@@ -930,7 +930,7 @@ def build_parser() -> argparse.ArgumentParser:
     "train-step and inference throughput, PyTorch side by side",
     "Times the train step (forward + backward + AdamW) and inference of ConvNeXt-T / -B +\n"
     "UPerNet and APSC-Net on random inputs, jitted, next to PyTorch eager and torch.compile\n"
-    "of the reference modules (tests/torch_reference.py; needs the bench extra), interleaved\n"
+    "of the reference modules (miml_jax/torch_reference.py; needs the bench extra), interleaved\n"
     "rep by rep; warm-up excluded, median and spread, XLA FLOPs, ratios. Prints a table;\n"
     "--out writes the JSON (machine, versions, load). Presets: full (default), --quick\n"
     "(small sizes, float32, a few minutes), --tiny (toy models, seconds).",

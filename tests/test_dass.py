@@ -31,10 +31,10 @@ tnn = torch.nn
 F = torch.nn.functional
 
 # The shared torch references (they import torch, hence after the skip).
+from miml_jax.torch_reference import TPPM, TConvModule, TConvNeXt, TLayerNorm, TSepASPPHead  # noqa: E402
 from test_parity import randomize_  # noqa: E402
 from test_tasks import coco_root  # noqa: E402, F401  (a fixture)
 from test_van_fcn import _convert, _TorchBlock, _TorchFCNHead, _TorchVAN  # noqa: E402
-from torch_reference import TPPM, TConvModule, TConvNeXt, TLayerNorm, TSepASPPHead  # noqa: E402
 
 TOL = 1e-4
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "caaa_dass.py")

@@ -286,7 +286,10 @@ def test_eval_report_on_benco_layouts_with_robustness(trained, tmp_path, capsys)
     assert (report_dir / name).stat().st_size > 0, name
   # Two rows of four square tiles (64 x 64 images), each row scaled to 1024 wide.
   assert io.read_image(str(report_dir / "best.jpg")).shape[:2] == (2 * 1024 // 4, 1024)
-  assert (report_dir / "per_image_detection.csv").read_text().count("\n") == 9
+  detection = (report_dir / "per_image_detection.csv").read_text()
+  assert detection.count("\n") == 9
+  # Images are named by their path below the folder holding them all, not by a basename.
+  assert "\nTp/0.png," in detection and "\nau0.png," in detection
 
   # A list naming a file that is not there, and a bad perturbation, are one-line errors.
   (tmp_path / "bad.json").write_text(json.dumps([["nowhere.png", "Negative"]]))

@@ -1,6 +1,7 @@
 """Input side: label decoding, augmentations, the grain pipeline's determinism and resume,
 the folder source's errors, and evaluation batching."""
 
+import json
 import os
 
 import numpy as np
@@ -209,6 +210,20 @@ def test_folder_source_reads_miml_layout(tmp_path):
   item = source[1]
   assert item["image"].shape == (20, 24, 3) and item["mask"].shape == (20, 24)
   assert item["is_jpeg"] and item["id"] == os.path.join("imgs", "1.jpg")
+
+
+def test_benco_list_names_images_by_their_path(tmp_path):
+  """Pairs laid out as <pair>/1.jpg share a basename; their ids must still tell them apart."""
+  entries = []
+  for pair in ("p0", "p1"):
+    os.makedirs(tmp_path / pair)
+    io.write_image(str(tmp_path / pair / "1.jpg"), np.full((8, 8, 3), 90, np.uint8))
+    io.write_image(str(tmp_path / pair / "mask.png"), np.zeros((8, 8), np.uint8))
+    entries += [[f"{pair}/1.jpg", f"{pair}/mask.png"], [f"{pair}/1.jpg", "Negative"]]
+  (tmp_path / "list.json").write_text(json.dumps(entries))
+  source = sources.make_source(f"benco:{tmp_path / 'list.json'}", "validation")
+  ids = [source[i]["id"] for i in range(len(source))]
+  assert ids == [os.path.join(p, "1.jpg") for p in ("p0", "p0", "p1", "p1")]
 
 
 def test_folder_source_errors_name_the_file(tmp_path):

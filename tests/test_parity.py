@@ -1,6 +1,6 @@
 """PyTorch parity of the flax modules in miml_jax/models/.
 
-Each test builds a small PyTorch reference module of tests/torch_reference.py (an independent
+Each test builds a small PyTorch reference module of miml_jax/torch_reference.py (an independent
 restatement of the official code: FAIR/mmseg ConvNeXt, mmcv ConvModule /
 DepthwiseSeparableConvModule, mmseg PPM and DepthwiseSeparableASPPHead, and APSC-Net's HeadAttn,
 SCSEModule and TestRFB1HA1CLab head from the MIML repository), gives it random weights and
@@ -34,7 +34,7 @@ from miml_jax.models import (
   deeplab,
   upernet,
 )
-from torch_reference import (
+from miml_jax.torch_reference import (
   TPSP,
   TAPSCHead,
   TBlock,

@@ -50,6 +50,8 @@ def test_each_ablation_changes_only_what_it_names():
   assert hard_forgery == InstanceForgeryConfig() and hard.input.augment.jpeg_prob == 0
   final, _ = _recipe("no_final_jpeg")
   assert final.input.augment.jpeg_prob == 0 and final.data == base.data
+  mix, _ = _recipe("final_jpeg_mix")
+  assert 0 < mix.input.augment.jpeg_prob < base.input.augment.jpeg_prob and mix.data == base.data
   assert "coco:" not in _recipe("no_jitter")[0].data.train
   no_splice = _recipe("no_splice")[0]
   assert no_splice.data.train.startswith("coco:") and "+" not in no_splice.data.train

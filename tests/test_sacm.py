@@ -32,14 +32,14 @@ torch = pytest.importorskip("torch")
 import torch.nn as tnn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from test_parity import randomize_  # noqa: E402
-from torch_reference import (  # noqa: E402
+from miml_jax.torch_reference import (  # noqa: E402
   TPPM,
   TConvModule,
   TConvNeXt,
   TSepASPPHead,
   mmseg_resize,
 )
+from test_parity import randomize_  # noqa: E402
 
 SACM_TINY = os.path.join(os.path.dirname(__file__), "..", "experiments", "caaa_sacm.py:tiny")
 # The tiny experiment's SACM: 64 x 64 inputs (an 8 x 8 correlation grid, 64 shifts).

@@ -147,6 +147,8 @@ class BencoSource:
   name (IMDLBenCo pairs by sorted order, where one missing mask shifts every later pair).
   JSON (IMDLBenCo's JsonDataset): `[[image, mask], ...]` with mask "Negative" for an authentic
   image (an all-zero mask, `is_authentic`); relative paths are relative to the JSON file.
+  A sample's `id` is its image's path relative to the deepest folder holding all the images
+  (`Tp/`), so that lists whose images share a name (`<pair>/1.jpg`) still tell them apart.
   """
 
   MASK_SUFFIXES = ("", "_gt", "_mask")
@@ -161,6 +163,8 @@ class BencoSource:
     )
     if not self.pairs:
       raise UserInputError(f"{path}: no image has a mask")
+    # Ids are relative to the images' deepest common folder (Tp/ for the folder layout).
+    self.id_root = os.path.commonpath([os.path.dirname(image) for image, _ in self.pairs])
 
   @staticmethod
   def _read_list(path: str) -> list[tuple[str, str | None]]:
@@ -216,7 +220,7 @@ class BencoSource:
     return {
       "image": image,
       "mask": mask,
-      "id": os.path.basename(image_path),
+      "id": os.path.relpath(image_path, self.id_root),
       "path": image_path,
       "is_jpeg": image_path.lower().endswith((".jpg", ".jpeg")),
       "is_authentic": mask_path is None,
