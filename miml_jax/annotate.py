@@ -58,6 +58,7 @@ from miml_jax import config as config_lib
 from miml_jax import io, qes, sharding, tasks
 from miml_jax.errors import UserInputError
 from miml_jax.input import transforms
+from miml_jax.models import layers
 
 ROUTES = ("spg", "spg_unaligned", "sdg")
 MANIFEST = "annotate.json"
@@ -159,7 +160,9 @@ class _Stage:
     rows = sharding.batch_sharding(mesh)
     self.variables = sharding.replicate(variables, mesh)
     self._rows = rows
-    self._fn = jax.jit(fn, in_shardings=(sharding.replicated(mesh), rows))
+    self._fn = jax.jit(
+      fn, in_shardings=(sharding.replicated(mesh), rows), compiler_options=layers.compiler_options()
+    )
 
   def __call__(self, batch: dict) -> dict:
     put = {k: jax.device_put(v, self._rows) for k, v in batch.items()}

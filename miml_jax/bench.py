@@ -155,6 +155,7 @@ def _jax_contender(case, size, batch, dtype_name, mode):
   import optax
 
   from miml_jax import mfu
+  from miml_jax.models import layers
 
   dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
   model = _flax_model(case, dtype)
@@ -189,7 +190,11 @@ def _jax_contender(case, size, batch, dtype_name, mode):
     state = [params, stats, opt_state, jax.random.PRNGKey(2)]
     data = (x, labels, image_labels)
     t = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, *data).compile()
+    compiled = (
+      jax.jit(step, donate_argnums=(0, 1, 2), compiler_options=layers.compiler_options())
+      .lower(*state, *data)
+      .compile()
+    )
     compile_s = time.perf_counter() - t
 
     def run():
@@ -203,7 +208,7 @@ def _jax_contender(case, size, batch, dtype_name, mode):
 
     frozen = {"params": params, "batch_stats": stats}
     t = time.perf_counter()
-    compiled = jax.jit(infer).lower(frozen, x).compile()
+    compiled = jax.jit(infer, compiler_options=layers.compiler_options()).lower(frozen, x).compile()
     compile_s = time.perf_counter() - t
 
     def run():
@@ -465,6 +470,7 @@ def machine() -> dict:
     "versions": {n: version(n) for n in ("jax", "jaxlib", "flax", "optax", "torch", "numpy")},
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "depthwise_impl": layers.depthwise_impl() if hasattr(layers, "depthwise_impl") else None,
+    "compiler_options": layers.compiler_options() if hasattr(layers, "compiler_options") else None,
   }
 
 

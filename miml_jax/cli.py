@@ -22,6 +22,7 @@ import os
 import shlex
 import sys
 
+from miml_jax import host_memory
 from miml_jax.errors import UserInputError
 
 EXIT_USER_ERROR = 2
@@ -989,6 +990,8 @@ def main(argv: list[str] | None = None) -> int:
   flags.FLAGS.mark_as_parsed()
   _enable_compilation_cache()
   try:
+    # Before the first jax computation: XLA:CPU's per-step buffers then reuse host pages.
+    host_memory.keep_freed_memory()
     if getattr(args, "multihost", False) or getattr(args, "coordinator", None):
       from miml_jax import sharding
 

@@ -29,6 +29,7 @@ import numpy as np
 from miml_jax import io, sharding, tasks, visualize
 from miml_jax.errors import UserInputError
 from miml_jax.input import pipeline, transforms
+from miml_jax.models import layers
 from miml_jax.tasks.base import config_setting
 
 _BATCH_KEYS = ("valid", "samples", "metas", "parts")
@@ -91,9 +92,10 @@ class Predictor:
         infer,
         in_shardings=(sharding.replicated(mesh), rows),
         out_shardings=sharding.replicated(mesh),
+        compiler_options=layers.compiler_options(),
       )
     else:
-      self._infer = jax.jit(infer)
+      self._infer = jax.jit(infer, compiler_options=layers.compiler_options())
     self.set_variables(variables)
 
   def set_variables(self, variables):

@@ -27,6 +27,7 @@ from miml_jax import evaluate, metric_writer, mfu, models, optim, sharding, task
 from miml_jax.config import to_json
 from miml_jax.errors import UserInputError
 from miml_jax.input import pipeline, sources, transforms
+from miml_jax.models import layers
 
 
 def log(message: str):
@@ -183,6 +184,7 @@ def make_train_step(model, optimizer, config, mesh, state_shardings=None):
     donate_argnums=(0, 1),
     in_shardings=(model_sh, train_sh, sharding.batch_sharding(mesh)),
     out_shardings=(model_sh, train_sh, replicated),
+    compiler_options=layers.compiler_options(),
   )
 
 

@@ -8,6 +8,7 @@ benchmark runs at toy sizes and its JSON holds what it promises.
 """
 
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -170,6 +171,54 @@ def test_depthwise_impl_choice(monkeypatch):
     layers.depthwise_impl()
 
 
+def test_cpu_conv_choice(monkeypatch):
+  monkeypatch.delenv(layers.CPU_CONV_ENV, raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  cpu = jax.default_backend() == "cpu"
+  assert layers.compiler_options() == (layers._EIGEN_CONV_OPTIONS if cpu else {})
+  monkeypatch.setenv(layers.CPU_CONV_ENV, "ynnpack")
+  assert layers.compiler_options() == {}
+  # A user's own $XLA_FLAGS choice of the fusion types is not overridden.
+  monkeypatch.setenv(layers.CPU_CONV_ENV, "eigen")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+  assert layers.compiler_options() == {}
+  monkeypatch.setenv(layers.CPU_CONV_ENV, "onednn")
+  with pytest.raises(UserInputError, match="MIML_JAX_CPU_CONV='onednn'"):
+    layers.compiler_options()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
+def test_eigen_conv_option_moves_only_the_convs_off_ynnpack(monkeypatch):
+  monkeypatch.delenv(layers.CPU_CONV_ENV, raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 12, 12, 48)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 48, 40)) * 0.1, jnp.float32)
+  m = jnp.asarray(rng.normal(size=(40, 64)), jnp.float32)
+
+  def f(x, k, m):
+    y = layers._lax_conv(x, k, ((1, 1), (1, 1)), (1, 1))
+    return y.reshape(-1, 40) @ m, jnp.sum(y, axis=(0, 1, 2))
+
+  def ynn_ops(options):
+    """The ops inside the computations that YNNPACK fusions call, and the outputs."""
+    compiled = jax.jit(f, compiler_options=options).lower(x, k, m).compile()
+    text = compiled.as_text()
+    bodies = {b.group(1): b.group(0) for b in re.finditer(r"^%(\S+) \(.*?^}", text, re.M | re.S)}
+    called = re.findall(r"calls=%([\w.]+).*__ynn_fusion", text)
+    ops = {
+      op for name in called for op in ("convolution(", "dot(", "reduce(") if op in bodies[name]
+    }
+    return ops, compiled(x, k, m)
+
+  default_ops, default_out = ynn_ops(None)
+  assert "convolution(" in default_ops  # else this test would not see the difference
+  eigen_ops, eigen_out = ynn_ops(layers.compiler_options())
+  assert "convolution(" not in eigen_ops and {"dot(", "reduce("} <= eigen_ops
+  for a, b in zip(default_out, eigen_out):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_bench_command_writes_json(tmp_path, capsys):
   pytest.importorskip("torch")
@@ -181,6 +230,7 @@ def test_bench_command_writes_json(tmp_path, capsys):
   result = json.loads(out.read_text())
   assert result["machine"]["versions"]["jax"] == jax.__version__
   assert result["machine"]["depthwise_impl"] in ("shift", "lax")
+  assert result["machine"]["compiler_options"] == layers.compiler_options()
   assert result["command"].startswith("miml-jax bench --tiny")
   assert [(r["model"], r["mode"]) for r in result["rows"]] == [
     ("tiny_upernet", "train"),

@@ -13,6 +13,8 @@ weights imported from a PyTorch checkpoint give the same numbers:
   per backend (`DepthwiseConv2d`, `TapConv2d`: shifted multiply-adds / per-tap gradients on CPU,
   where XLA's own grouped conv and conv gradients are slow; `lax.conv` on GPU / TPU;
   $MIML_JAX_DEPTHWISE=shift|lax overrides), with the variables of the `nn.Conv` they replace.
+* `compiler_options()` is the XLA option set the library's jits compile with: on CPU, dense convs
+  on XLA's Eigen kernels instead of YNNPACK's ($MIML_JAX_CPU_CONV=ynnpack restores the default).
 * `adaptive_avg_pool` / `adaptive_max_pool` use PyTorch's bin rule
   start = floor(i * H / o), end = ceil((i + 1) * H / o), which also covers non-divisible sizes and
   output sizes larger than the input.
@@ -114,6 +116,50 @@ def conv2d(
   if _pair(stride) == (1, 1) and groups == 1:
     return TapConv2d(**common)
   return nn.Conv(strides=_pair(stride), feature_group_count=groups, **common)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which library runs XLA:CPU's dense convs.
+#
+# XLA:CPU hands each dot, convolution and large reduction to YNNPACK ("individual" fusions) and
+# runs everything else with its own loops. For the dense 3x3 / 1x1 convs of these heads, XLA's
+# Eigen conv is faster than YNNPACK's: UPerNet / APSC-Net's 3x3 2560 -> 512 on 2x32x32 forward
+# 220 ms against 146 ms (PyTorch's oneDNN 139 ms), the APSC-Net train step at 256 px 10.3 s
+# against 8.9 s, inference 1.19 s against 0.93 s (Intel Xeon, 2 cores; benchmarks/README.md).
+# Dots and reductions stay with YNNPACK (without its reductions APSC-Net's BatchNorms take 3 s).
+# The choice is a per-compilation XLA option (`jax.jit(..., compiler_options=...)`), so it binds
+# only the jits of this library (the trainer's step, Predictor, annotate, bench), never a user's.
+
+CPU_CONV_ENV = "MIML_JAX_CPU_CONV"  # 'eigen' (the default) or 'ynnpack' (XLA's own default).
+CPU_CONV_IMPLS = ("eigen", "ynnpack")
+_YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+_EIGEN_CONV_OPTIONS = {
+  _YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+}
+
+
+def compiler_options() -> dict[str, str]:
+  """XLA options for this library's jits on the default backend: {} except on CPU, where the
+  dense convs run on Eigen (see above). Empty when $MIML_JAX_CPU_CONV=ynnpack, when $XLA_FLAGS
+  sets the YNNPACK fusion types itself (the user's choice wins), or when this XLA does not know
+  the option (other jaxlib versions)."""
+  impl = os.environ.get(CPU_CONV_ENV, "") or "eigen"
+  if impl not in CPU_CONV_IMPLS:
+    raise UserInputError(f"${CPU_CONV_ENV}={impl!r}: choose one of {CPU_CONV_IMPLS}")
+  if impl == "ynnpack" or jax.default_backend() != "cpu":
+    return {}
+  if _YNN_FUSION_FLAG in os.environ.get("XLA_FLAGS", ""):
+    return {}
+  return dict(_EIGEN_CONV_OPTIONS) if _xla_accepts_eigen_conv_options() else {}
+
+
+@functools.cache
+def _xla_accepts_eigen_conv_options() -> bool:
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_EIGEN_CONV_OPTIONS).lower(jnp.zeros(2)).compile()
+  except Exception:  # An XLA that rejects the option: run without it.
+    return False
+  return True
 
 
 # ----------------------------------------------------------------------------------------------
