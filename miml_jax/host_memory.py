@@ -3,7 +3,7 @@
 XLA:CPU allocates each run's buffers afresh: a ConvNeXt-B + UPerNet train step at 256 px asks
 for ~2.4 GB, APSC-Net's for ~5 GB. glibc serves blocks that large with mmap and returns them
 with munmap when the run ends, so the next run faults every page in again (600 K - 1.4 M page
-faults a step; 1-7 s of system time on the 2-core VMs measured, more with another framework's
+faults a step; 1-18 s of system time on the 2-core Xeon VM measured, the most with torch's
 allocations in the same process). `keep_freed_memory()` tells glibc to serve them from its heap
 and keep what is freed (one arena, no mmap, no trimming), so a step reuses the pages of the
 last: ConvNeXt-B + UPerNet's train step on that VM made 0 page faults instead of 607 K

@@ -163,7 +163,6 @@ class BencoSource:
     )
     if not self.pairs:
       raise UserInputError(f"{path}: no image has a mask")
-    # Ids are relative to the images' deepest common folder (Tp/ for the folder layout).
     self.id_root = os.path.commonpath([os.path.dirname(image) for image, _ in self.pairs])
 
   @staticmethod
