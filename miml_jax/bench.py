@@ -12,7 +12,8 @@ infer: forward in eval mode) it times, on random inputs:
 
 Rules of the measurement:
 
-* Warm-up (compilation; the first calls) is excluded and reported apart (`compile_s`).
+* Warm-up (compilation; the first calls) is excluded and reported apart (`compile_s`); one more
+  untimed round of every contender runs once all of them are built.
 * The contenders run interleaved, rep by rep (jax, torch eager, torch.compile, jax, ...), in one
   process, so that load from other processes on a shared machine hits all of them alike; the
   ratios are per rep, then the median is taken. Median, min and max are reported.
@@ -375,6 +376,10 @@ def measure(case, size, dtype_name, mode, *, reps, torch_modes, threads, log) ->
       continue
     contenders[f"torch_{tm}"] = t_run
     row[f"torch_{tm}"] = {"compile_s": c_s}
+  # One untimed round once every contender exists, so that the allocations of the contenders
+  # built after jax's warm-up are not paid for in the first timed rep.
+  for fn in contenders.values():
+    fn()
   times = {k: [] for k in contenders}
   for rep in range(reps):
     for k, fn in contenders.items():

@@ -34,13 +34,13 @@ CASES = [
 ]
 
 
-def _close(name, got, ref):
-  got, ref = np.asarray(got), np.asarray(ref)
+def _close(name, got, ref, tol=1e-5):
+  got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
   assert got.shape == ref.shape, (name, got.shape, ref.shape)
   scale = float(np.max(np.abs(ref)))
   assert scale > 0, name
   err = float(np.max(np.abs(got - ref))) / scale
-  assert err < 1e-5, f"{name}: relative error {err:.3g}"
+  assert err < tol, f"{name}: relative error {err:.3g}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1]}x{c[2]}k{c[4]}d{c[5]}")
@@ -104,6 +104,77 @@ def test_tap_conv_equals_lax_conv(kernel, dilation, padding):
     dx, dw = jax.jit(grads(taps))(x, w)
   _close("d/dx", dx, ref_dx)
   _close("d/dkernel", dw, ref_dw)
+
+
+@pytest.mark.parametrize(
+  "kernel, dilation, padding",
+  [
+    (3, 1, ((1, 1), (1, 1))),
+    (3, 2, ((2, 2), (2, 2))),
+    (5, 1, ((0, 1), (2, 0))),
+    (1, 1, ((0, 0),) * 2),
+  ],
+)
+def test_tap_conv_in_bfloat16_is_per_tap_matmuls_with_float32_sums(kernel, dilation, padding):
+  """In bfloat16 the CPU form of a dense conv is one matmul per tap, accumulated in float32
+  (XLA:CPU would run a bfloat16 conv as a float32 one, off the CPU's bfloat16 units): the same
+  values and gradients as the float32 conv of the same bfloat16 numbers, to bfloat16 rounding."""
+  rng = np.random.default_rng(kernel * 10 + dilation)
+  x = jnp.asarray(rng.normal(size=(2, 9, 7, 24)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 24, 16)), jnp.bfloat16)
+  cot = jnp.asarray(rng.normal(size=(2, 9, 7, 16)), jnp.bfloat16)
+  taps = lambda x, w: layers.conv2d_tap_grads(x, w, padding, dilation)
+  ref32 = lambda x, w: layers._lax_conv(x, w, padding, (dilation, dilation))
+  out_shape = jax.eval_shape(taps, x, w).shape
+  cot = cot[:, : out_shape[1], : out_shape[2]]
+  grads = lambda f: jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * cot), (0, 1))
+  with jax.default_matmul_precision("highest"):
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    ref, (ref_dx, ref_dw) = ref32(x32, w32), grads(ref32)(x32, w32)
+  got, (dx, dw) = jax.jit(taps)(x, w), jax.jit(grads(taps))(x, w)
+  assert got.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+  # bfloat16 keeps 8 significant bits: one rounding of the float32 sums is ~2^-9 relative.
+  for name, a, b in [("value", got, ref), ("d/dx", dx, ref_dx), ("d/dkernel", dw, ref_dw)]:
+    _close(name, a, b, tol=2**-7)
+  if jax.default_backend() == "cpu":
+    hlo = jax.jit(taps).lower(x, w).as_text()
+    assert "convolution" not in hlo and hlo.count("stablehlo.dot_general") == kernel * kernel
+    assert re.search(r"stablehlo\.dot_general.*-> tensor<\d+x16xf32>", hlo)
+
+
+def test_dense_accumulates_low_precision_in_float32_on_cpu(monkeypatch):
+  """`layers.dense` in bfloat16 on CPU: a matmul with float32 output (XLA:CPU's fast bfloat16
+  path, and the accumulation GPUs and TPUs use), cast back to bfloat16; float32 layers and
+  $MIML_JAX_DEPTHWISE=lax keep flax's own dot_general."""
+  monkeypatch.setenv(layers.DEPTHWISE_ENV, "")
+  cpu = jax.default_backend() == "cpu"
+  assert (layers.dense_dot_general(jnp.bfloat16) is not None) == cpu
+  assert layers.dense_dot_general(jnp.float32) is None
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 5, 40)), jnp.bfloat16)
+  model = layers.dense(24, name="fc", in_features=40, dtype=jnp.bfloat16)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  y = model.apply(variables, x)
+  assert y.dtype == jnp.bfloat16
+  p = variables["params"]
+  ref = np.asarray(x, np.float32) @ np.asarray(p["kernel"].astype(jnp.bfloat16), np.float32)
+  _close("value", y, ref + np.asarray(p["bias"].astype(jnp.bfloat16), np.float32), tol=2**-7)
+  hlo = jax.jit(model.apply).lower(variables, x).as_text()
+  assert bool(re.search(r"dot_general.*-> tensor<3x5x24xf32>", hlo)) == cpu
+  # The gradients (written out, operands copied transposed) run and are the float32 ones; 40
+  # inputs > 24 outputs is the shape for which a folded transpose made XLA:CPU fail at run time.
+  cot = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+
+  def loss(p, x, dtype):
+    return jnp.sum(layers.dense(24, name="fc", in_features=40, dtype=dtype).apply(p, x) * cot)
+
+  with jax.default_matmul_precision("highest"):
+    ref_dp, ref_dx = jax.grad(loss, (0, 1))(variables, x.astype(jnp.float32), jnp.float32)
+  dp, dx = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(variables, x, jnp.bfloat16)
+  _close("d/dx", dx, ref_dx, tol=2**-7)
+  _close("d/dkernel", dp["params"]["kernel"], ref_dp["params"]["kernel"], tol=2**-7)
+  monkeypatch.setenv(layers.DEPTHWISE_ENV, "lax")
+  assert layers.dense_dot_general(jnp.bfloat16) is None
 
 
 @pytest.mark.parametrize("dilation", [1, 3])

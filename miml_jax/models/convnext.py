@@ -72,6 +72,7 @@ class Block(nn.Module):
       bias_init=_bias_init,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      dot_general=layers.dense_dot_general(self.dtype),
       name="pwconv1",
     )(x)
     # PyTorch's nn.GELU is the exact erf form; flax defaults to the tanh approximation.
@@ -82,6 +83,7 @@ class Block(nn.Module):
       bias_init=_bias_init,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      dot_general=layers.dense_dot_general(self.dtype),
       name="pwconv2",
     )(x)
     if self.layer_scale_init_value > 0:

@@ -387,13 +387,57 @@ def _lax_conv(x: Array, kernel: Array, padding, dilation) -> Array:
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_tap_grads(x: Array, kernel: Array, padding, dilation) -> Array:
+def _is_low_precision(dtype) -> bool:
+  return jnp.dtype(dtype).itemsize < 4 and jnp.issubdtype(dtype, jnp.floating)
+
+
+def _copied_transpose(x: Array, axes: Sequence[int]) -> Array:
+  """`jnp.transpose(x, axes)` as a copy that XLA keeps, for an operand of a bfloat16 matmul.
+
+  XLA folds a plain transpose into the dot that reads it (a dot contracting other dims), and
+  XLA:CPU runs such a bfloat16 dot as a float32 one: (256, 4096) @ (4096, 1024) with the left
+  side transposed takes 13 ms, 3 ms with it copied (Intel Xeon with AMX). Through a unit axis
+  the transpose is not folded."""
+  return jnp.transpose(x[None], (0, *(a + 1 for a in axes)))[0]
+
+
+def _taps_conv(x: Array, kernel: Array, padding, dilation) -> Array:
+  """A stride-1 dense conv as one matmul per tap (the tap's window of x, a (B*H*W, C_in)
+  matrix, times kernel[p, q]), accumulated in float32, returned in x's dtype.
+
+  For bfloat16 on CPU: XLA:CPU runs a bfloat16 conv as a float32 one (Eigen or YNNPACK alike),
+  but YNNPACK's bfloat16 matmul with float32 output uses the CPU's bfloat16 units. UPerHead's
+  3x3 1024 -> 256 conv on 4x32x32: 79 ms as a conv, 43 ms as taps (Intel Xeon with AMX).
+  """
+  kh, kw, c_in, c_out = kernel.shape
+  dh, dw = dilation
+  (t, b), (lft, r) = padding
+  xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (t, b, 0), (lft, r, 0), (0, 0, 0)))
+  ho = xp.shape[1] - (kh - 1) * dh
+  wo = xp.shape[2] - (kw - 1) * dw
+  acc = None
+  for p in range(kh):
+    for q in range(kw):
+      window = xp[:, p * dh : p * dh + ho, q * dw : q * dw + wo, :].reshape(-1, c_in)
+      term = jnp.matmul(window, kernel[p, q], preferred_element_type=jnp.float32)
+      acc = term if acc is None else acc + term
+  return acc.reshape(x.shape[0], ho, wo, c_out).astype(x.dtype)
+
+
+def _cpu_dense_conv(x: Array, kernel: Array, padding, dilation) -> Array:
+  # float32: the library conv (on Eigen, see compiler_options); narrower: per-tap matmuls.
+  if _is_low_precision(x.dtype):
+    return _taps_conv(x, kernel, padding, dilation)
   return _lax_conv(x, kernel, padding, dilation)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_tap_grads(x: Array, kernel: Array, padding, dilation) -> Array:
+  return _cpu_dense_conv(x, kernel, padding, dilation)
+
+
 def _conv_tap_grads_fwd(x, kernel, padding, dilation):
-  return _lax_conv(x, kernel, padding, dilation), (x, kernel)
+  return _cpu_dense_conv(x, kernel, padding, dilation), (x, kernel)
 
 
 def _conv_tap_grads_bwd(padding, dilation, residuals, dy):
@@ -407,14 +451,14 @@ def _conv_tap_grads_bwd(padding, dilation, residuals, dy):
   dyp = jax.lax.pad(
     dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (*grow[0], 0), (*grow[1], 0), (0, 0, 0))
   )
-  flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
-  dx = _lax_conv(dyp, flipped, ((0, 0), (0, 0)), dilation).astype(x.dtype)
+  flipped = _copied_transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+  dx = _cpu_dense_conv(dyp, flipped, ((0, 0), (0, 0)), dilation).astype(x.dtype)
   # d/dkernel: one matmul per tap, dy^T (made once) times the tap's window of x as a (B*H*W, C)
   # matrix. Written as window^T dy, XLA:CPU would copy every window transposed (2.2x slower).
   xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (t, b, 0), (lft, r, 0), (0, 0, 0)))
   ho, wo = dy.shape[1:3]
   c_in, c_out = kernel.shape[2:]
-  dy_t = dy.reshape(-1, c_out).T
+  dy_t = _copied_transpose(dy.reshape(-1, c_out), (1, 0))
   taps = [
     jnp.matmul(
       dy_t,
@@ -436,11 +480,12 @@ def conv2d_tap_grads(
 ) -> Array:
   """A stride-1 dense conv (NHWC, HWIO kernel) whose gradients XLA:CPU runs fast.
 
-  The forward is `lax.conv_general_dilated` with explicit padding and rhs dilation. The
-  gradients are written out (a custom VJP): the input gradient as a forward conv of the
-  cotangent with the flipped kernel, the kernel gradient as one matmul per tap. XLA:CPU runs
-  its own kernel-gradient conv slowly: for UPerHead's 3x3 1024 -> 256 on 4x32x32, 333 ms
-  against 124 ms as taps.
+  The forward is `lax.conv_general_dilated` with explicit padding and rhs dilation (in
+  bfloat16 / float16: one matmul per tap summed in float32, `_taps_conv`). The gradients are
+  written out (a custom VJP): the input gradient as a forward conv of the cotangent with the
+  flipped kernel, the kernel gradient as one matmul per tap. XLA:CPU runs its own
+  kernel-gradient conv slowly: for UPerHead's 3x3 1024 -> 256 on 4x32x32, 333 ms against
+  124 ms as taps.
   """
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   return _conv_tap_grads(x, kernel, padding, _pair(dilation))
@@ -460,6 +505,69 @@ class TapConv2d(_StrideOneConv):
     return _lax_conv(x, kernel, self.padding, self.kernel_dilation)
 
 
+@jax.custom_vjp
+def _matmul_float32_sums(x: Array, w: Array) -> Array:
+  """x (..., K) @ w (K, N) summed in float32, returned in x's dtype; its gradients alike.
+
+  Autodiff of the float32-output matmul and its cast would hand the backward matmuls a float32
+  cotangent, i.e. float32 matmuls, off the bfloat16 units; the gradients written out keep the
+  cotangent in x's dtype."""
+  return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _matmul_float32_sums_fwd(x, w):
+  return _matmul_float32_sums(x, w), (x, w)
+
+
+def _matmul_float32_sums_bwd(residuals, dy):
+  x, w = residuals
+  dy = dy.astype(x.dtype)
+  # The transposed operands copied (see _copied_transpose). Not (dy^T x)^T: XLA folds that
+  # transpose into the dot too, and XLA:CPU then fails at run time ("Unsupported element type
+  # for DotThunk::Execute: BF16 x BF16 = F32").
+  dx = jnp.matmul(dy, _copied_transpose(w, (1, 0)), preferred_element_type=jnp.float32)
+  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  dw = jnp.matmul(_copied_transpose(x2, (1, 0)), dy2, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul_float32_sums.defvjp(_matmul_float32_sums_fwd, _matmul_float32_sums_bwd)
+
+
+def _float32_accumulating_dot_general(
+  lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs
+):
+  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+  dense_form = (((lhs.ndim - 1,), (0,)), ((), ()))
+  plain = precision is None and not kwargs and lhs.dtype == rhs.dtype
+  if plain and dimension_numbers == dense_form and rhs.ndim == 2:
+    return _matmul_float32_sums(lhs, rhs).astype(out_dtype)  # what nn.Dense asks for
+  out = jax.lax.dot_general(
+    lhs,
+    rhs,
+    dimension_numbers,
+    precision=precision,
+    preferred_element_type=jnp.float32,
+    **kwargs,
+  )
+  return out.astype(out_dtype)
+
+
+def dense_dot_general(dtype: Dtype):
+  """The `dot_general` an `nn.Dense` computing in `dtype` should use (None: flax's default).
+
+  On CPU, in bfloat16 / float16: accumulate in float32 and cast the result. XLA:CPU runs a
+  bfloat16 matmul with bfloat16 output as a float32 one (a 4096^3 matmul: 223 GFLOP/s), but
+  with float32 output on the CPU's bfloat16 units (943 GFLOP/s, Intel Xeon with AMX). It is
+  also what GPUs and TPUs compute (float32 accumulation), so CPU numerics come closer to
+  theirs. Elsewhere, and with $MIML_JAX_DEPTHWISE=lax (the library formulation everywhere),
+  flax's default.
+  """
+  if _is_low_precision(dtype) and depthwise_impl() == "shift":
+    return _float32_accumulating_dot_general
+  return None
+
+
 def dense(
   features: int,
   *,
@@ -477,6 +585,7 @@ def dense(
     bias_init=bias_init or torch_default_bias_init(in_features),
     dtype=dtype,
     param_dtype=param_dtype,
+    dot_general=dense_dot_general(dtype),
     name=name,
   )
 

@@ -228,6 +228,7 @@ class Attention(nn.Module):
       bias_init=nn.initializers.zeros,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      dot_general=layers.dense_dot_general(self.dtype),
     )
     qkv = nn.Dense(3 * self.dim, name="qkv", **dense)(x)
     # torch's reshape (B, N, 3, heads, head_dim): q, k, v are the thirds of the output, each
@@ -256,6 +257,7 @@ class Mlp(nn.Module):
       bias_init=nn.initializers.zeros,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      dot_general=layers.dense_dot_general(self.dtype),
     )
     x = nn.Dense(self.hidden, name="fc1", **dense)(x)
     x = nn.gelu(x, approximate=False)
