@@ -14,9 +14,11 @@ Rules of the measurement:
 
 * Warm-up (compilation; the first calls) is excluded and reported apart (`compile_s`); one more
   untimed round of every contender runs once all of them are built.
-* The contenders run interleaved, rep by rep (jax, torch eager, torch.compile, jax, ...), in one
-  process, so that load from other processes on a shared machine hits all of them alike; the
-  ratios are per rep, then the median is taken. Median, min and max are reported.
+* Each contender runs in a process of its own (its own heap: see `_Contender`), and they run
+  interleaved, one at a time, rep by rep (jax, torch eager, torch.compile, jax, ...), so that
+  load from other processes on a shared machine hits all of them alike; the ratios are per
+  rep, then the median is taken. Median, min and max are reported. Each call is timed in its
+  own process.
 * The JSON records the machine (CPU, cores, CPU affinity, load average before and after),
   library versions, thread settings and the depthwise-conv formulation in use.
 * FLOPs are XLA's cost analysis of the compiled program (so both sides are credited the same
@@ -34,6 +36,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -352,6 +355,84 @@ def _summary(times: list[float], batch: int) -> dict:
   }
 
 
+def _contender_process(conn, kind: str, args: tuple):
+  """A contender's own process: build it, report, then time one call per request."""
+  from miml_jax import host_memory
+
+  host_memory.keep_freed_memory()
+  try:
+    build = _jax_contender if kind == "jax" else _torch_contender
+    compile_s, run, info = build(*args)
+  except Exception as e:
+    conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"))
+    return
+  conn.send(("ready", compile_s, info))
+  while conn.recv() == "run":
+    t = time.perf_counter()
+    run()
+    conn.send(time.perf_counter() - t)
+
+
+class _Contender:
+  """One contender (jax, torch eager, torch.compile) in a process of its own.
+
+  In one process, torch's allocations between jax's steps fragment the heap that
+  `host_memory` keeps, and some of jax's steps then fault fresh pages in (APSC-Net inference:
+  one step in four 1.46 s instead of 1.1 s, 64 K faults). Apart, each keeps its own heap, and
+  the memory of a row is returned when the row ends. Only one process computes at a time."""
+
+  def __init__(self, kind: str, args: tuple):
+    ctx = multiprocessing.get_context("spawn")  # jax and torch do not survive fork
+    self._conn, child = ctx.Pipe()
+    self._proc = ctx.Process(target=_contender_process, args=(child, kind, args), daemon=True)
+    self._proc.start()
+    child.close()
+    self.kind, self.error, self.compile_s, self.info = kind, None, None, {}
+    msg = self._recv()
+    if msg[0] == "error":
+      self.error = msg[1]
+    else:
+      _, self.compile_s, self.info = msg
+
+  def _recv(self):
+    try:
+      return self._conn.recv()
+    except EOFError:
+      self._proc.join(5)
+      raise UserInputError(
+        f"bench: the {self.kind} contender's process died (exit code {self._proc.exitcode};"
+        " out of memory?)"
+      ) from None
+
+  def __call__(self) -> float:
+    """Seconds of one call, timed in the contender's process."""
+    self._conn.send("run")
+    return self._recv()
+
+  def close(self):
+    if self._proc.is_alive():
+      try:
+        self._conn.send("stop")
+      except OSError:
+        pass
+      self._proc.join(30)
+      if self._proc.is_alive():
+        self._proc.kill()
+    self._conn.close()
+
+
+def _interleave(contenders: dict, reps: int, log) -> dict[str, list[float]]:
+  # One untimed round once every contender exists, then the timed reps, rep by rep.
+  for side in contenders.values():
+    side()
+  times = {k: [] for k in contenders}
+  for rep in range(reps):
+    for k, side in contenders.items():
+      times[k].append(side())
+    log(f"  rep {rep + 1}/{reps}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
+  return times
+
+
 def measure(case, size, dtype_name, mode, *, reps, torch_modes, threads, log) -> dict:
   """One row: jax and each torch mode at (case, size, dtype, mode), interleaved rep by rep."""
   batch = case.train_batch if mode == "train" else case.infer_batch
@@ -363,30 +444,25 @@ def measure(case, size, dtype_name, mode, *, reps, torch_modes, threads, log) ->
     "dtype": dtype_name,
   }
   contenders = {}
-  compile_s, run, info = _jax_contender(case, size, batch, dtype_name, mode)
-  contenders["jax"] = run
-  row["jax"] = {"compile_s": compile_s, **info}
-  for tm in torch_modes:
-    try:
-      c_s, t_run, _ = _torch_contender(
-        case, size, batch, dtype_name, mode, tm == "compile", threads
-      )
-    except Exception as e:  # torch.compile needs a working C++ toolchain; report why not.
-      row[f"torch_{tm}"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-      continue
-    contenders[f"torch_{tm}"] = t_run
-    row[f"torch_{tm}"] = {"compile_s": c_s}
-  # One untimed round once every contender exists, so that the allocations of the contenders
-  # built after jax's warm-up are not paid for in the first timed rep.
-  for fn in contenders.values():
-    fn()
-  times = {k: [] for k in contenders}
-  for rep in range(reps):
-    for k, fn in contenders.items():
-      t = time.perf_counter()
-      fn()
-      times[k].append(time.perf_counter() - t)
-    log(f"  rep {rep + 1}/{reps}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
+  try:
+    jax_side = _Contender("jax", (case, size, batch, dtype_name, mode))
+    if jax_side.error:
+      jax_side.close()
+      raise UserInputError(f"{case.name} {mode} {size}px {dtype_name}: {jax_side.error}")
+    contenders["jax"] = jax_side
+    row["jax"] = {"compile_s": jax_side.compile_s, **jax_side.info}
+    for tm in torch_modes:
+      side = _Contender("torch", (case, size, batch, dtype_name, mode, tm == "compile", threads))
+      if side.error:  # torch.compile needs a working C++ toolchain; report why not.
+        side.close()
+        row[f"torch_{tm}"] = {"error": side.error}
+        continue
+      contenders[f"torch_{tm}"] = side
+      row[f"torch_{tm}"] = {"compile_s": side.compile_s}
+    times = _interleave(contenders, reps, log)
+  finally:
+    for side in contenders.values():
+      side.close()
   for k, ts in times.items():
     row[k].update(_summary(ts, batch))
     row[k]["times_s"] = ts
