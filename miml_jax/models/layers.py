@@ -204,24 +204,35 @@ def depthwise_impl(impl: str = "auto", shape: Sequence[int] | None = None) -> st
   return impl
 
 
+def _pad_hw(x: Array, padding) -> Array:
+  """x (B, H, W, C) padded with zeros by ((top, bottom), (left, right)); negative entries crop."""
+  (t, b), (lft, r) = padding
+  return jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (t, b, 0), (lft, r, 0), (0, 0, 0)))
+
+
+def _tap_windows(x: Array, kh: int, kw: int, padding, dilation) -> list[Array]:
+  """The windows of the padded x that the kh x kw taps of a stride-1 conv read, row by row:
+  window (p, q) is xp[:, p*dh : p*dh + Ho, q*dw : q*dw + Wo] (each of the output's size)."""
+  dh, dw = dilation
+  xp = _pad_hw(x, padding)
+  ho = xp.shape[1] - (kh - 1) * dh
+  wo = xp.shape[2] - (kw - 1) * dw
+  return [
+    xp[:, p * dh : p * dh + ho, q * dw : q * dw + wo, :] for p in range(kh) for q in range(kw)
+  ]
+
+
 def _shift_conv(x: Array, kernel: Array, padding, dilation) -> Array:
   """Depthwise cross-correlation as kh * kw shifted multiply-adds, accumulated in float32.
 
   x: (B, H, W, C); kernel: (kh, kw, C). padding: ((lo, hi), (lo, hi)), negative entries crop.
   """
-  kh, kw, _ = kernel.shape
-  dh, dw = dilation
-  (t, b), (lft, r) = padding
-  xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (t, b, 0), (lft, r, 0), (0, 0, 0)))
-  ho = xp.shape[1] - (kh - 1) * dh
-  wo = xp.shape[2] - (kw - 1) * dw
-  k32 = kernel.astype(jnp.float32)
+  kh, kw, c = kernel.shape
+  taps = kernel.astype(jnp.float32).reshape(kh * kw, c)
   acc = None
-  for p in range(kh):
-    for q in range(kw):
-      window = xp[:, p * dh : p * dh + ho, q * dw : q * dw + wo, :].astype(jnp.float32)
-      term = window * k32[p, q]
-      acc = term if acc is None else acc + term
+  for window, k in zip(_tap_windows(x, kh, kw, padding, dilation), taps):
+    term = window.astype(jnp.float32) * k
+    acc = term if acc is None else acc + term
   return acc
 
 
@@ -282,8 +293,7 @@ def _shift_depthwise_bwd(padding, dilation, residuals, dy):
   # (k - 1) * d - pad on each side (negative values crop).
   pad_t = ((kh - 1) * dh - t, (kh - 1) * dh - b), ((kw - 1) * dw - lft, (kw - 1) * dw - r)
   dx = _shift_conv(dy, kernel[::-1, ::-1], pad_t, dilation).astype(x.dtype)
-  xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (t, b, 0), (lft, r, 0), (0, 0, 0)))
-  dk = _shift_kernel_grad(xp, dy, kh, kw, dilation).astype(kernel.dtype)
+  dk = _shift_kernel_grad(_pad_hw(x, padding), dy, kh, kw, dilation).astype(kernel.dtype)
   return dx, dk
 
 
@@ -410,18 +420,12 @@ def _taps_conv(x: Array, kernel: Array, padding, dilation) -> Array:
   3x3 1024 -> 256 conv on 4x32x32: 79 ms as a conv, 43 ms as taps (Intel Xeon with AMX).
   """
   kh, kw, c_in, c_out = kernel.shape
-  dh, dw = dilation
-  (t, b), (lft, r) = padding
-  xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (t, b, 0), (lft, r, 0), (0, 0, 0)))
-  ho = xp.shape[1] - (kh - 1) * dh
-  wo = xp.shape[2] - (kw - 1) * dw
+  windows = _tap_windows(x, kh, kw, padding, dilation)
   acc = None
-  for p in range(kh):
-    for q in range(kw):
-      window = xp[:, p * dh : p * dh + ho, q * dw : q * dw + wo, :].reshape(-1, c_in)
-      term = jnp.matmul(window, kernel[p, q], preferred_element_type=jnp.float32)
-      acc = term if acc is None else acc + term
-  return acc.reshape(x.shape[0], ho, wo, c_out).astype(x.dtype)
+  for window, k in zip(windows, kernel.reshape(kh * kw, c_in, c_out)):
+    term = jnp.matmul(window.reshape(-1, c_in), k, preferred_element_type=jnp.float32)
+    acc = term if acc is None else acc + term
+  return acc.reshape(windows[0].shape[:3] + (c_out,)).astype(x.dtype)
 
 
 def _cpu_dense_conv(x: Array, kernel: Array, padding, dilation) -> Array:
@@ -448,25 +452,16 @@ def _conv_tap_grads_bwd(padding, dilation, residuals, dy):
   # d/dx: a forward conv of dy with the flipped kernel, its in / out swapped, padded so that the
   # output has x's size ((k - 1) * d - pad each side; lax.pad crops where that is negative).
   grow = ((kh - 1) * dh - t, (kh - 1) * dh - b), ((kw - 1) * dw - lft, (kw - 1) * dw - r)
-  dyp = jax.lax.pad(
-    dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (*grow[0], 0), (*grow[1], 0), (0, 0, 0))
-  )
+  dyp = _pad_hw(dy, grow)
   flipped = _copied_transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
   dx = _cpu_dense_conv(dyp, flipped, ((0, 0), (0, 0)), dilation).astype(x.dtype)
   # d/dkernel: one matmul per tap, dy^T (made once) times the tap's window of x as a (B*H*W, C)
   # matrix. Written as window^T dy, XLA:CPU would copy every window transposed (2.2x slower).
-  xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (t, b, 0), (lft, r, 0), (0, 0, 0)))
-  ho, wo = dy.shape[1:3]
   c_in, c_out = kernel.shape[2:]
   dy_t = _copied_transpose(dy.reshape(-1, c_out), (1, 0))
   taps = [
-    jnp.matmul(
-      dy_t,
-      xp[:, p * dh : p * dh + ho, q * dw : q * dw + wo, :].reshape(-1, c_in),
-      preferred_element_type=jnp.float32,
-    )
-    for p in range(kh)
-    for q in range(kw)
+    jnp.matmul(dy_t, window.reshape(-1, c_in), preferred_element_type=jnp.float32)
+    for window in _tap_windows(x, kh, kw, padding, dilation)
   ]
   dk = jnp.stack(taps).transpose(0, 2, 1).reshape(kernel.shape).astype(kernel.dtype)
   return dx, dk
@@ -537,20 +532,13 @@ _matmul_float32_sums.defvjp(_matmul_float32_sums_fwd, _matmul_float32_sums_bwd)
 def _float32_accumulating_dot_general(
   lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs
 ):
-  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
   dense_form = (((lhs.ndim - 1,), (0,)), ((), ()))
   plain = precision is None and not kwargs and lhs.dtype == rhs.dtype
-  if plain and dimension_numbers == dense_form and rhs.ndim == 2:
-    return _matmul_float32_sums(lhs, rhs).astype(out_dtype)  # what nn.Dense asks for
-  out = jax.lax.dot_general(
-    lhs,
-    rhs,
-    dimension_numbers,
-    precision=precision,
-    preferred_element_type=jnp.float32,
-    **kwargs,
+  if plain and dimension_numbers == dense_form and rhs.ndim == 2:  # what nn.Dense asks for
+    return _matmul_float32_sums(lhs, rhs).astype(preferred_element_type or lhs.dtype)
+  return jax.lax.dot_general(  # anything else: flax's default
+    lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs
   )
-  return out.astype(out_dtype)
 
 
 def dense_dot_general(dtype: Dtype):
