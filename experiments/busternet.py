@@ -68,6 +68,18 @@ cells by "no match"), tried on top of the auxiliary BCE, moved that cell AUC onl
 option; a throwaway trunk-only script, not kept), and the full `:joint:cpu` run with it
 (1000 steps, 42 min beside another training) scored held-out IoU 0.042 against 0.170, pixel
 AUC 0.638: no better, so it is not part of the library.
+
+Nor does matching pretraining of the trunk on the photos themselves rescue the ranking
+(`python experiments/reports/similarity_probe.py --pretrain 300 --widths 16-32-64-64 --inits 2
+--images 120`: each trunk first learns, for 300 steps, to find every cell of a 'train' photo in
+a rescaled, mirrored, shifted second view that keeps that content only inside a random ellipse,
+another photo around it; then 107 copy-moves of 'validation' photos are probed). It learns to
+match: a target cell's best match lies in its source for 0.19-0.21 of the cells with 4 blocks
+(chance 0.09) and 0.31-0.33 with 3 (chance 0.10). But the cell AUC stays at 0.46-0.48: a
+copy's best correlation is no higher than a pristine cell's with its neighbours. The trunk's
+receptive field after 4 blocks is 100 px, most of a 128 px image, so neighbouring cells see
+nearly the same pixels, while a copy sees other surroundings than its source. Percentile
+pooling keeps how strong the matches are, not where they lie, so it cannot tell the two apart.
 """
 
 import ml_collections

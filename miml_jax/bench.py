@@ -18,13 +18,15 @@ Rules of the measurement:
   interleaved, one at a time, rep by rep (jax, torch eager, torch.compile, jax, ...), so that
   load from other processes on a shared machine hits all of them alike; the ratios are per
   rep, then the median is taken. Median, min and max are reported. Each call is timed in its
-  own process.
+  own process. Contenders that do not fit in memory together (the next one estimated at the
+  largest live one's peak) are timed in turns instead: the row's 'waves' lists them.
 * The JSON records the machine (CPU, cores, CPU affinity, load average before and after),
   library versions, thread settings and the depthwise-conv formulation in use.
 * FLOPs are XLA's cost analysis of the compiled program (so both sides are credited the same
   FLOPs); achieved FLOP/s = FLOPs / median step time; MFU where the device's peak is known
   (`miml_jax/mfu.py`). Peak memory: XLA's buffer assignment (arguments + outputs + temporaries)
-  for jax, `torch.cuda.max_memory_allocated` for torch on CUDA (none on CPU).
+  for jax, `torch.cuda.max_memory_allocated` for torch on CUDA; and every contender's peak
+  resident host memory after its warm-up (`host_peak_bytes`).
 
 It also times QES (`miml_jax/qes.py`) on device against NumPy on the same soft masks.
 
@@ -39,7 +41,9 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -366,6 +370,9 @@ def _contender_process(conn, kind: str, args: tuple):
   except Exception as e:
     conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"))
     return
+  # The process's peak resident memory so far (build and warm-up: the steady state's peak).
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  info["host_peak_bytes"] = peak if sys.platform == "darwin" else peak * 1024  # Linux: KiB.
   conn.send(("ready", compile_s, info))
   while conn.recv() == "run":
     t = time.perf_counter()
@@ -394,19 +401,25 @@ class _Contender:
     else:
       _, self.compile_s, self.info = msg
 
+  def _died(self) -> UserInputError:
+    self._proc.join(5)
+    return UserInputError(
+      f"bench: the {self.kind} contender's process died (exit code {self._proc.exitcode};"
+      " out of memory?)"
+    )
+
   def _recv(self):
     try:
       return self._conn.recv()
     except EOFError:
-      self._proc.join(5)
-      raise UserInputError(
-        f"bench: the {self.kind} contender's process died (exit code {self._proc.exitcode};"
-        " out of memory?)"
-      ) from None
+      raise self._died() from None
 
   def __call__(self) -> float:
     """Seconds of one call, timed in the contender's process."""
-    self._conn.send("run")
+    try:
+      self._conn.send("run")
+    except OSError:  # The process is gone (a broken pipe).
+      raise self._died() from None
     return self._recv()
 
   def close(self):
@@ -433,8 +446,31 @@ def _interleave(contenders: dict, reps: int, log) -> dict[str, list[float]]:
   return times
 
 
+def _available_memory_bytes() -> int | None:
+  """The kernel's estimate of the memory a new process can take (Linux), else None."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def _room_for_another(contenders: dict) -> bool:
+  """Whether one more contender, estimated at the largest live one's peak plus a quarter,
+  fits beside the live ones."""
+  available = _available_memory_bytes()
+  need = max(side.info.get("host_peak_bytes", 0) for side in contenders.values())
+  return available is None or available > 1.25 * need
+
+
 def measure(case, size, dtype_name, mode, *, reps, torch_modes, threads, log) -> dict:
-  """One row: jax and each torch mode at (case, size, dtype, mode), interleaved rep by rep."""
+  """One row: jax and each torch mode at (case, size, dtype, mode), interleaved rep by rep.
+
+  Contenders that do not fit in memory together are timed in turns ('waves' in the row): when
+  the next one would not fit beside the live ones, those are timed and closed first."""
   batch = case.train_batch if mode == "train" else case.infer_batch
   row = {
     "model": case.name,
@@ -443,26 +479,40 @@ def measure(case, size, dtype_name, mode, *, reps, torch_modes, threads, log) ->
     "batch": batch,
     "dtype": dtype_name,
   }
-  contenders = {}
-  try:
-    jax_side = _Contender("jax", (case, size, batch, dtype_name, mode))
-    if jax_side.error:
-      jax_side.close()
-      raise UserInputError(f"{case.name} {mode} {size}px {dtype_name}: {jax_side.error}")
-    contenders["jax"] = jax_side
-    row["jax"] = {"compile_s": jax_side.compile_s, **jax_side.info}
-    for tm in torch_modes:
-      side = _Contender("torch", (case, size, batch, dtype_name, mode, tm == "compile", threads))
-      if side.error:  # torch.compile needs a working C++ toolchain; report why not.
-        side.close()
-        row[f"torch_{tm}"] = {"error": side.error}
-        continue
-      contenders[f"torch_{tm}"] = side
-      row[f"torch_{tm}"] = {"compile_s": side.compile_s}
-    times = _interleave(contenders, reps, log)
-  finally:
-    for side in contenders.values():
+  specs = [("jax", "jax", (case, size, batch, dtype_name, mode))]
+  for tm in torch_modes:
+    specs.append(
+      (f"torch_{tm}", "torch", (case, size, batch, dtype_name, mode, tm == "compile", threads))
+    )
+  times, waves, live = {}, [], {}
+
+  def time_live():
+    times.update(_interleave(live, reps, log))
+    waves.append(list(live))
+    for side in live.values():
       side.close()
+    live.clear()
+
+  try:
+    for name, kind, args in specs:
+      if live and not _room_for_another(live):
+        log(f"  {name} does not fit in memory beside {', '.join(live)}: timing those first")
+        time_live()
+      side = _Contender(kind, args)
+      if side.error:
+        side.close()
+        if kind == "jax":
+          raise UserInputError(f"{case.name} {mode} {size}px {dtype_name}: {side.error}")
+        row[name] = {"error": side.error}  # torch.compile needs a working C++ toolchain.
+        continue
+      live[name] = side
+      row[name] = {"compile_s": side.compile_s, **side.info}
+    time_live()
+  finally:
+    for side in live.values():
+      side.close()
+  if len(waves) > 1:
+    row["waves"] = waves
   for k, ts in times.items():
     row[k].update(_summary(ts, batch))
     row[k]["times_s"] = ts
@@ -650,6 +700,9 @@ def table(result: dict) -> str:
       f"{fmt(r.get('speedup_vs_torch_compile', {}).get('median'), '.2f'):>8}"
       f"{fmt(j['flops'] / 1e9 if j.get('flops') else None, '.1f'):>8}"
       f"{fmt(j.get('achieved_tflops'), '.3f'):>8}{j['compile_s']:>7.1f}"
+      + (
+        "  (in turns: " + " | ".join(", ".join(w) for w in r["waves"]) + ")" if "waves" in r else ""
+      )
     )
   if "qes" in result:
     q = result["qes"]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from miml_jax import cli
+from miml_jax import bench, cli
 from miml_jax.errors import UserInputError
 from miml_jax.models import layers
 
@@ -313,9 +313,40 @@ def test_bench_command_writes_json(tmp_path, capsys):
       assert row[side]["images_per_s"] > 0
       assert row[side]["step_s_min"] <= row[side]["step_s_median"] <= row[side]["step_s_max"]
     assert row["jax"]["flops"] > 0
+    assert row["jax"]["host_peak_bytes"] > 0 and row["torch_eager"]["host_peak_bytes"] > 0
     assert row["speedup_vs_torch_eager"]["median"] > 0
+    assert "waves" not in row  # Both fit in memory: interleaved.
   assert result["qes"]["speedup_vs_numpy"] > 0
   assert "tiny_upernet" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_times_contenders_in_turns_when_they_do_not_fit_and_names_a_dead_one(monkeypatch):
+  pytest.importorskip("torch")
+  case = bench.MODELS["tiny_upernet"]
+  monkeypatch.setattr(bench, "_available_memory_bytes", lambda: 0)
+  logged = []
+  row = bench.measure(
+    case,
+    case.sizes[1],
+    "float32",
+    "infer",
+    reps=2,
+    torch_modes=["eager"],
+    threads=1,
+    log=logged.append,
+  )
+  assert row["waves"] == [["jax"], ["torch_eager"]]
+  assert any("torch_eager does not fit in memory beside jax" in line for line in logged)
+  assert len(row["jax"]["times_s"]) == len(row["torch_eager"]["times_s"]) == 2
+  assert row["speedup_vs_torch_eager"]["median"] > 0
+  # A contender whose process is gone (e.g. killed for memory) is named in a one-line error.
+  side = bench._Contender("jax", (case, case.sizes[1], 1, "float32", "infer"))
+  side._proc.kill()
+  side._proc.join()
+  with pytest.raises(UserInputError, match="the jax contender's process died"):
+    side()
+  side.close()
 
 
 def test_annotate_cost_counts_flops_and_estimates_from_them(tmp_path, capsys):
