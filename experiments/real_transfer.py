@@ -97,15 +97,18 @@ image-level AUC 0.52 (chance). The 1500-step default (one seed, 64 min), measure
 `no_authentic:short` (2 seeds): IoU 0.144 / 0.166, within the spread of `realistic`.
 `no_splice:short` (2 seeds): IoU 0.093, pixel AUC 0.644; `no_copymove:short`: IoU 0.144, pixel
 AUC 0.653. `dct_view:short` (2 seeds): IoU 0.149, pixel AUC 0.706, image AUC 0.561.
-`double_jpeg:short` and `dct_detector:short` (one seed each): image AUC 0.87 / 0.94 on their
-synthetic held-out sets but 0.506 / 0.579 on CASIA, IoU 0.100 / 0.101. One realism switch
-off at a time: `no_resampling:short` (2 seeds) IoU 0.073, `no_feather:short` (2 seeds) 0.115,
+`double_jpeg:short` and `dct_detector:short` (2 seeds each): image AUC 0.74-0.87 / 0.90-0.94
+on their synthetic held-out sets but 0.47 / 0.57 on CASIA (means), IoU 0.100 / 0.101.
+One realism switch off at a time: `no_resampling:short` (2 seeds) IoU 0.073,
+`no_feather:short` (2 seeds) 0.115,
 `no_final_jpeg:short` 0.000 (2 seeds; its synthetic held-out 0.468), `no_colour_match:short`
 0.140, `no_donor_traces:short` 0.133 (2 seeds each). `bayar:short` (2 seeds) 0.120, beside
 0.138 for `realistic:short` rerun in the same session; `wide:short` (2 seeds) 0.140.
 On the second real set (23 in-place web edits, experiments/reports/web_pairs_set.py),
 `realistic:short` scores IoU 0.137 against all-one's 0.095, image AUC 0.53-0.56;
-`no_final_jpeg:short`, which fails on CASIA, is the best row there (experiments/README.md).
+`no_final_jpeg:short`, which fails on CASIA, is the best row there (experiments/README.md);
+next is `double_jpeg:short` (2 seeds): IoU 0.199, pixel AUC 0.78, image AUC 0.65, while on
+CASIA it stays above all-one (IoU 0.100-0.134 over three runs).
 `final_jpeg_mix:short` (2 seeds, an AMD EPYC VM of the same size): CASIA IoU 0.073, image AUC
 0.49; web set IoU 0.145, image AUC 0.60-0.62.
 """
