@@ -431,6 +431,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log(f"warning: {e}; validation skipped (train.nan_policy='skip')")
       window_start = time.time()
   checkpointer.close()
+  # Stop grain's prefetch workers and drop the last batch, which may alias their shared memory
+  # (left to the interpreter's exit, it ends the run with a "leaked shared_memory" warning).
+  train_iter.close()
+  del batch
 
   # ---- Final evaluation and pictures -----------------------------------------------------
   try:

@@ -454,6 +454,18 @@ def test_killed_run_resumes_exactly(trained, tmp_path, capsys):
   assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_train_with_grain_workers_exits_cleanly(tmp_path):
+  """With prefetch worker processes the run trains and ends without leaving grain's
+  shared-memory batches to the resource tracker (whose exit warning would say "leaked")."""
+  workdir = tmp_path / "w"
+  argv = ["train", "--config", QUICKSTART, "--workdir", workdir, *TINY, "--config.train.steps=2"]
+  process = _subprocess([*argv, "--config.input.num_workers=1"], devices=1)
+  _, err = process.communicate(timeout=540)
+  assert process.returncode == 0, err[-3000:]
+  assert (workdir / "metrics.json").exists()
+  assert "leaked shared_memory" not in err, err[-3000:]
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
