@@ -462,7 +462,7 @@ def _room_for_another(contenders: dict) -> bool:
   """Whether one more contender, estimated at the largest live one's peak plus a quarter,
   fits beside the live ones."""
   available = _available_memory_bytes()
-  need = max(side.info.get("host_peak_bytes", 0) for side in contenders.values())
+  need = max(side.info["host_peak_bytes"] for side in contenders.values())
   return available is None or available > 1.25 * need
 
 
