@@ -24,9 +24,13 @@ Rules of the measurement:
   library versions, thread settings and the depthwise-conv formulation in use.
 * FLOPs are XLA's cost analysis of the compiled program (so both sides are credited the same
   FLOPs); achieved FLOP/s = FLOPs / median step time; MFU where the device's peak is known
-  (`miml_jax/mfu.py`). Peak memory: XLA's buffer assignment (arguments + outputs + temporaries)
-  for jax, `torch.cuda.max_memory_allocated` for torch on CUDA; and every contender's peak
-  resident host memory after its warm-up (`host_peak_bytes`).
+  (`miml_jax/mfu.py`). The run also measures a ceiling, which stands in for the peak where none
+  is known (CPUs): the FLOP/s of a large square matmul in each library, the faster one kept
+  (`dot_ceiling`); each row then gives every contender's share of it and the speed-up over
+  torch that running the row's FLOPs at the ceiling would give (`ceiling_speedup_vs_*`): what
+  any implementation could reach. Peak memory: XLA's buffer assignment (arguments + outputs +
+  temporaries) for jax, `torch.cuda.max_memory_allocated` for torch on CUDA; and every
+  contender's peak resident host memory after its warm-up (`host_peak_bytes`).
 
 It also times QES (`miml_jax/qes.py`) on device against NumPy on the same soft masks.
 
@@ -344,6 +348,71 @@ def _torch_contender(case, size, batch, dtype_name, mode, compiled: bool, thread
   return compile_s, run, {}
 
 
+# ---- the machine's matmul ceiling --------------------------------------------------------------
+#
+# CPUs have no tabulated peak (mfu.py), so each run measures a ceiling: the FLOP/s of one large
+# square matmul, the best of the reps, in each library (jax as the library's layers run it: float32,
+# or bfloat16 operands summed in float32; torch in the dtype). The faster of the two is the row's
+# ceiling: a step of F FLOPs cannot run much faster than F / ceiling on this machine, whatever
+# implements it, so torch's step time over F / ceiling bounds the speed-up over torch that any
+# implementation of the same FLOPs could show here. (A conv through Winograd or FFT does fewer
+# multiplications than XLA counts and could pass it; neither library's CPU convs do.)
+
+
+def _jax_dot_contender(n: int, dtype_name: str):
+  import jax
+  import jax.numpy as jnp
+
+  from miml_jax.models import layers
+
+  dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.normal(size=(n, n)), dtype) for _ in range(2))
+  dot = jax.jit(
+    lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32),
+    compiler_options=layers.compiler_options(),
+  )
+  t = time.perf_counter()
+  jax.block_until_ready(dot(a, b))
+  return time.perf_counter() - t, lambda: jax.block_until_ready(dot(a, b)), {}
+
+
+def _torch_dot_contender(n: int, dtype_name: str, threads: int):
+  import torch
+
+  torch.set_num_threads(threads)
+  dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+  g = torch.Generator().manual_seed(0)
+  a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+  t = time.perf_counter()
+  a @ b
+  return time.perf_counter() - t, lambda: a @ b, {}
+
+
+def dot_ceiling(dtype_name: str, n: int, reps: int, torch: bool, threads: int, log) -> dict:
+  """The best FLOP/s of an n x n x n matmul in jax (and torch), interleaved like the rows."""
+  specs = {"jax": ("jax_dot", (n, dtype_name))}
+  if torch:
+    specs["torch"] = ("torch_dot", (n, dtype_name, threads))
+  live = {}
+  try:
+    for name, (kind, args) in specs.items():
+      side = _Contender(kind, args)
+      if side.error:
+        side.close()
+        raise UserInputError(f"bench: the {n}-square {dtype_name} matmul in {name}: {side.error}")
+      live[name] = side
+    times = _interleave(live, reps, log)
+  finally:
+    for side in live.values():
+      side.close()
+  out = {"n": n, "dtype": dtype_name}
+  for name, ts in times.items():
+    out[f"{name}_flops"] = 2.0 * n**3 / min(ts)
+  out["ceiling_flops"] = max(out[f"{name}_flops"] for name in times)
+  return out
+
+
 # ---- the measurement -------------------------------------------------------------------------
 
 
@@ -365,7 +434,12 @@ def _contender_process(conn, kind: str, args: tuple):
 
   host_memory.keep_freed_memory()
   try:
-    build = _jax_contender if kind == "jax" else _torch_contender
+    build = {
+      "jax": _jax_contender,
+      "torch": _torch_contender,
+      "jax_dot": _jax_dot_contender,
+      "torch_dot": _torch_dot_contender,
+    }[kind]
     compile_s, run, info = build(*args)
   except Exception as e:
     conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"))
@@ -466,8 +540,9 @@ def _room_for_another(contenders: dict) -> bool:
   return available is None or available > 1.25 * need
 
 
-def measure(case, size, dtype_name, mode, *, reps, torch_modes, threads, log) -> dict:
+def measure(case, size, dtype_name, mode, *, reps, torch_modes, threads, log, ceiling=None) -> dict:
   """One row: jax and each torch mode at (case, size, dtype, mode), interleaved rep by rep.
+  `ceiling`: the dtype's `dot_ceiling`, for the fractions of it (none without).
 
   Contenders that do not fit in memory together are timed in turns ('waves' in the row): when
   the next one would not fit beside the live ones, those are timed and closed first."""
@@ -522,6 +597,14 @@ def measure(case, size, dtype_name, mode, *, reps, torch_modes, threads, log) ->
       row[k]["achieved_tflops"] = flops / row[k]["step_s_median"] / 1e12
     peak = row["jax"].get("peak_flops")
     row["jax"]["mfu"] = flops / row["jax"]["step_s_median"] / peak if peak else None
+  if flops and ceiling:
+    row["ceiling_flops"] = ceiling["ceiling_flops"]
+    at_ceiling_s = flops / ceiling["ceiling_flops"]
+    for k in times:
+      row[k]["fraction_of_ceiling"] = at_ceiling_s / row[k]["step_s_median"]
+      if k != "jax":
+        # The best speed-up over this contender that the same FLOPs allow on this machine.
+        row[f"ceiling_speedup_vs_{k}"] = row[k]["step_s_median"] / at_ceiling_s
   for k in times:
     if k != "jax":
       # Per rep (the interleaved pairs share the machine's load), then the median.
@@ -621,6 +704,7 @@ def run(
   torch_modes: list[str],
   threads: int,
   qes_masks: int,
+  ceiling_size: int = 0,
   log=print,
 ) -> dict:
   for m in models:
@@ -640,9 +724,18 @@ def run(
       raise UserInputError(f"--torch: {t!r} is not eager, compile or none")
   if reps < 1:
     raise UserInputError(f"--reps: {reps} must be >= 1")
+  if ceiling_size < 0:
+    raise UserInputError(f"--ceiling-size: {ceiling_size} must be >= 0 (0: skip)")
   result: dict[str, Any] = {"machine": machine(), "load_before": _loadavg()}
   result["torch_threads"] = threads if torch_modes else None
   started = time.perf_counter()
+  ceilings = {}
+  for dtype_name in dtypes if ceiling_size else ():
+    log(f"matmul ceiling: {ceiling_size}-square {dtype_name}")
+    ceilings[dtype_name] = dot_ceiling(
+      dtype_name, ceiling_size, max(reps, 3), bool(torch_modes), threads, log
+    )
+  result["dot_ceiling"] = ceilings
   rows = []
   for name in models:
     case = MODELS[name]
@@ -664,6 +757,7 @@ def run(
               torch_modes=torch_modes,
               threads=threads,
               log=log,
+              ceiling=ceilings.get(dtype_name),
             )
           )
   result["rows"] = rows
@@ -685,7 +779,8 @@ def table(result: dict) -> str:
   """The rows as a fixed-width text table."""
   lines = [
     f"{'model':<20}{'mode':<6}{'px':>5}{'b':>3} {'dtype':<9}{'jax img/s':>10}{'eager':>9}"
-    f"{'compile':>9}{'x eager':>9}{'x comp':>8}{'GFLOP':>8}{'TFLOP/s':>8}{'jit s':>7}"
+    f"{'compile':>9}{'x eager':>9}{'x comp':>8}{'GFLOP':>8}{'TFLOP/s':>8}{'ceil%':>6}"
+    f"{'max x':>7}{'jit s':>7}"
   ]
   fmt = lambda v, spec: "-" if v is None else format(v, spec)
   for r in result["rows"]:
@@ -699,10 +794,23 @@ def table(result: dict) -> str:
       f"{fmt(r.get('speedup_vs_torch_eager', {}).get('median'), '.2f'):>9}"
       f"{fmt(r.get('speedup_vs_torch_compile', {}).get('median'), '.2f'):>8}"
       f"{fmt(j['flops'] / 1e9 if j.get('flops') else None, '.1f'):>8}"
-      f"{fmt(j.get('achieved_tflops'), '.3f'):>8}{j['compile_s']:>7.1f}"
+      f"{fmt(j.get('achieved_tflops'), '.3f'):>8}"
+      f"{fmt(100 * j['fraction_of_ceiling'] if 'fraction_of_ceiling' in j else None, '.0f'):>6}"
+      f"{fmt(r.get('ceiling_speedup_vs_torch_eager'), '.2f'):>7}{j['compile_s']:>7.1f}"
       + (
         "  (in turns: " + " | ".join(", ".join(w) for w in r["waves"]) + ")" if "waves" in r else ""
       )
+    )
+  for c in result.get("dot_ceiling", {}).values():
+    lines.append(
+      f"matmul ceiling, {c['n']}-square {c['dtype']}: "
+      + ", ".join(
+        f"{k[:-6]} {c[k] / 1e12:.3f} TFLOP/s"
+        for k in c
+        if k.endswith("_flops") and k != "ceiling_flops"
+      )
+      + " (ceil%: miml-jax's share of the faster; max x: torch eager's step over the FLOPs"
+      " at that rate, the most any implementation could gain here)"
     )
   if "qes" in result:
     q = result["qes"]
@@ -730,6 +838,7 @@ PRESETS = {
     torch=["eager", "compile"],
     reps=5,
     qes_masks=64,
+    ceiling_size=4096,
   ),
   "quick": dict(
     models=["convnext_t_upernet", "convnext_b_upernet", "apsc_net"],
@@ -739,6 +848,7 @@ PRESETS = {
     torch=["eager", "compile"],
     reps=3,
     qes_masks=16,
+    ceiling_size=4096,
   ),
   "tiny": dict(
     models=["tiny_upernet", "tiny_apsc"],
@@ -748,5 +858,6 @@ PRESETS = {
     torch=["eager"],
     reps=1,
     qes_masks=2,
+    ceiling_size=256,
   ),
 }

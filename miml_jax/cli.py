@@ -575,6 +575,7 @@ def cmd_bench(args, overrides):
     torch_modes=[] if torch_modes == ["none"] else torch_modes,
     threads=args.torch_threads,
     qes_masks=preset["qes_masks"] if args.qes_masks is None else args.qes_masks,
+    ceiling_size=preset["ceiling_size"] if args.ceiling_size is None else args.ceiling_size,
     log=lambda line: print(line, file=sys.stderr, flush=True),
   )
   result["command"] = "miml-jax bench " + " ".join(
@@ -932,7 +933,8 @@ def build_parser() -> argparse.ArgumentParser:
     "Times the train step (forward + backward + AdamW) and inference of ConvNeXt-T / -B +\n"
     "UPerNet and APSC-Net on random inputs, jitted, next to PyTorch eager and torch.compile\n"
     "of the reference modules (miml_jax/torch_reference.py; needs the bench extra), interleaved\n"
-    "rep by rep; warm-up excluded, median and spread, XLA FLOPs, ratios. Prints a table;\n"
+    "rep by rep; warm-up excluded, median and spread, XLA FLOPs, ratios, each side's share of\n"
+    "the machine's measured matmul ceiling. Prints a table;\n"
     "--out writes the JSON (machine, versions, load). Presets: full (default), --quick\n"
     "(small sizes, float32, a few minutes), --tiny (toy models, seconds).",
   )
@@ -946,6 +948,11 @@ def build_parser() -> argparse.ArgumentParser:
   be.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads (default 2)")
   be.add_argument("--reps", type=int, help="timed repetitions per contender")
   be.add_argument("--qes-masks", type=int, help="512 px masks in the QES timing (0: skip)")
+  be.add_argument(
+    "--ceiling-size",
+    type=int,
+    help="side of the square matmul that measures the machine's FLOP/s ceiling (0: skip)",
+  )
   be.add_argument("--out", help="write the results as JSON here")
   return parser
 

@@ -316,6 +316,20 @@ def test_bench_command_writes_json(tmp_path, capsys):
     assert row["jax"]["host_peak_bytes"] > 0 and row["torch_eager"]["host_peak_bytes"] > 0
     assert row["speedup_vs_torch_eager"]["median"] > 0
     assert "waves" not in row  # Both fit in memory: interleaved.
+    # The measured ceiling: each side's share of it, and the speed-up the FLOPs allow at it.
+    ceiling = result["dot_ceiling"]["float32"]["ceiling_flops"]
+    assert row["ceiling_flops"] == ceiling
+    for side in ("jax", "torch_eager"):
+      at_ceiling_s = row["jax"]["flops"] / ceiling
+      assert row[side]["fraction_of_ceiling"] == pytest.approx(
+        at_ceiling_s / row[side]["step_s_median"]
+      )
+    assert row["ceiling_speedup_vs_torch_eager"] == pytest.approx(
+      1 / row["torch_eager"]["fraction_of_ceiling"]
+    )
+  c = result["dot_ceiling"]["float32"]
+  assert c["n"] == 256 and c["jax_flops"] > 0 and c["torch_flops"] > 0
+  assert c["ceiling_flops"] == max(c["jax_flops"], c["torch_flops"])
   assert result["qes"]["speedup_vs_numpy"] > 0
   assert "tiny_upernet" in capsys.readouterr().out
 
@@ -381,6 +395,8 @@ def test_annotate_cost_counts_flops_and_estimates_from_them(tmp_path, capsys):
 def test_bench_rejects_bad_arguments(capsys):
   assert cli.main(["bench", "--tiny", "--models", "resnet"]) == cli.EXIT_USER_ERROR
   assert "--models: unknown model 'resnet'" in capsys.readouterr().err
+  assert cli.main(["bench", "--tiny", "--ceiling-size", "-1"]) == cli.EXIT_USER_ERROR
+  assert "--ceiling-size: -1 must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -533,6 +533,28 @@ def test_tiny_web_iml_train_step_and_gradients(tiny):
   assert np.abs(img_g["decode_head"]["cls_head_7"]["kernel"]).max() > 0
 
 
+def test_image_head_detach_off_lets_the_image_loss_train_the_backbone(tiny):
+  _, variables, x = tiny
+  grads = {}
+  for detach in (True, False):
+    model = models.build_model(_tiny_config(rectify_passes=0, image_head_detach=detach))
+
+    def image_loss(params, model=model):
+      out = model.apply({**variables, "params": params}, x, train=False)
+      return jnp.mean(out["image_logits"] ** 2), out["image_logits"]
+
+    grads[detach], logits = _jit(jax.grad(image_loss, has_aux=True))(variables["params"])
+    if detach:
+      detached_logits = logits
+  # The same variables and forward values (to float rounding: the two programs compile apart);
+  # only where the image loss's gradient goes differs.
+  np.testing.assert_allclose(logits, detached_logits, rtol=1e-5, atol=1e-6)
+  largest = lambda tree: max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(tree))
+  assert largest(grads[True]["backbone"]) == 0
+  assert largest(grads[False]["backbone"]) > 0
+  assert largest(grads[False]["decode_head"]["MSDEC"]) > 0
+
+
 def test_tiny_web_iml_eval(tiny, tiny_eval):
   ev = tiny_eval
   assert ev["logits"].shape == (2, 16, 16, 2) and ev["logits"].dtype == jnp.float32

@@ -85,6 +85,11 @@ def test_each_ablation_changes_only_what_it_names():
   bayar, _ = _recipe("bayar")
   assert bayar.model.noise_view == "srm_bayar" and bayar.data == base.data
   assert _recipe("bayar:full")[0].model.noise_view == "srm_bayar"
+  through, _ = _recipe("image_head_through")
+  assert through.model.head.image_head_detach is False and through.data == base.data
+  assert through.input == base.input and through.loss == base.loss
+  assert "image_head_detach" not in base.model.head
+  assert _recipe("image_head_through:full")[0].model.head.image_head_detach is False
   seeded, _ = _recipe("no_feather:seed1")
   assert seeded.seed == seeded.data.seed == 1
   full, full_forgery = _recipe("no_feather:full")

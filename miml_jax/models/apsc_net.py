@@ -72,6 +72,9 @@ class APSCHeadConfig:
     image_head: build the image-level classification head (True).
     image_head_dims: widths of its three ConvModules (512, 256, 256).
     image_head_dropout: dropout before its final 1x1 conv (0.2).
+    image_head_detach: the image head reads the stop-gradient of its inputs, as the reference
+      does, so its loss never trains the backbone or the decoder (True); False lets it (our
+      switch, for models trained from scratch, where detection has no features of its own).
     num_classes: 2 (authentic / tampered); the tampered probability is class 1.
   """
 
@@ -91,6 +94,7 @@ class APSCHeadConfig:
   image_head: bool = True
   image_head_dims: tuple[int, int, int] = (512, 256, 256)
   image_head_dropout: float = 0.2
+  image_head_detach: bool = True
   num_classes: int = 2
 
   def __post_init__(self):
@@ -307,7 +311,8 @@ class APSCHead(nn.Module):
     )
 
   def _image_head(self, logits: Array, x: Array, y: Array, train: bool) -> Array:
-    """The image-level classifier `cls_head` on the detached (Y, X slices, prob) stack."""
+    """The image-level classifier `cls_head` on the (Y, X slices, prob) stack, detached unless
+    `image_head_detach` is off."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     c = y.shape[-1]
@@ -316,8 +321,10 @@ class APSCHead(nn.Module):
     prob = layers.resize_bilinear(prob, scale_factor=0.5, align_corners=True)
     prob = jnp.broadcast_to(prob.astype(y.dtype), y.shape)
     slices = [x[..., k * c : (k + 1) * c] for k in range(x.shape[-1] // c)]
-    # The reference detaches the stack: the image head never trains the segmentation path.
-    z = jax.lax.stop_gradient(interleave_channels([y] + slices + [prob]))
+    z = interleave_channels([y] + slices + [prob])
+    if cfg.image_head_detach:
+      # The reference detaches the stack: the image head never trains the segmentation path.
+      z = jax.lax.stop_gradient(z)
     d0, d1, d2 = cfg.image_head_dims
     # torch Sequential: 0 ConvModule, 1 MaxPool, 2 ConvModule, 3 MaxPool, 4 ConvModule,
     # 5 AdaptiveMaxPool2d(1), 6 Dropout, 7 Conv2d.
