@@ -392,6 +392,15 @@ def test_annotate_cost_counts_flops_and_estimates_from_them(tmp_path, capsys):
     annotate_cost.main(["--annotators", "resnet"])
 
 
+@pytest.mark.slow
+def test_dot_ceiling_without_a_working_torch_is_jax_alone():
+  pytest.importorskip("torch")
+  # torch.set_num_threads(0) fails in the torch process, as a missing torch would.
+  c = bench.dot_ceiling("float32", 64, 1, torch=True, threads=0, log=lambda line: None)
+  assert "set_num_threads" in c["torch_error"] and "torch_flops" not in c
+  assert c["ceiling_flops"] == c["jax_flops"] > 0
+
+
 def test_bench_rejects_bad_arguments(capsys):
   assert cli.main(["bench", "--tiny", "--models", "resnet"]) == cli.EXIT_USER_ERROR
   assert "--models: unknown model 'resnet'" in capsys.readouterr().err
